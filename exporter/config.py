@@ -1,0 +1,267 @@
+"""One typed configuration, loaded from a YAML file and overridden by flags.
+
+Every section is a dataclass; `load_config` walks the YAML mapping against the dataclass fields,
+so an unknown key, a wrong type or an out-of-range value raises `ConfigError` naming the file,
+the dotted field and the problem. Nothing is started before the whole config is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .alerts.config import AlertsConfig
+from .gpu import GpuConfig
+from .metrics import DEFAULT_BUCKETS
+from .slo import SloConfig
+
+DEFAULT_API_PORT = 8000
+DEFAULT_METRICS_PORT = 9410
+
+
+class ConfigError(Exception):
+    """A configuration problem: where (file), what (field) and why (problem)."""
+
+    def __init__(self, source: str, field_path: str, problem: str):
+        self.source, self.field_path, self.problem = source, field_path, problem
+        super().__init__(f"{source}: field '{field_path}': {problem}")
+
+
+@dataclass
+class EngineConfig:
+    """The engine's tuning knobs; None means vLLM's own default."""
+
+    model: str | None = None  # None: the embedded default model (see default_model.py)
+    served_model_name: str | None = None
+    quantization: str | None = None
+    dtype: str | None = None
+    kv_cache_dtype: str | None = None
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int | None = None
+    enable_prefix_caching: bool | None = None
+    enable_chunked_prefill: bool | None = None
+    tensor_parallel_size: int | None = None
+    pipeline_parallel_size: int | None = None
+    seed: int | None = None
+    # Any other vLLM engine or server argument, by its vLLM name (dashes or underscores).
+    extra_args: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        gmu = self.gpu_memory_utilization
+        if gmu is not None and not 0 < gmu <= 1:
+            out.append(("gpu_memory_utilization", f"must be in (0, 1], got {gmu}"))
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                out.append((name, f"must be a positive integer, got {value}"))
+        if self.model is not None and _looks_like_path(self.model):
+            path = Path(self.model).expanduser()
+            if not path.is_dir():
+                out.append(("model", f"model directory {self.model} does not exist"))
+            elif not (path / "config.json").is_file():
+                out.append(("model", f"{self.model} has no config.json: not a model directory"))
+        return out
+
+
+@dataclass
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_API_PORT
+
+    def problems(self) -> list[tuple[str, str]]:
+        if not 0 <= self.port <= 65535:
+            return [("port", f"must be a TCP port 0-65535, got {self.port}")]
+        return []
+
+
+@dataclass
+class DaemonConfig:
+    # No engine step for this long and no unfinished request: the engine is idle, and the
+    # running/waiting/KV-usage gauges are set to 0 (vLLM itself leaves them at stale values).
+    idle_timeout_seconds: float = 2.0
+    # How often the engine's health is checked and side gauges are refreshed.
+    check_interval_seconds: float = 0.5
+    # After the engine dies the metrics port keeps answering (engine_up 0) this long, then the
+    # process exits non-zero so systemd or Kubernetes restarts it.
+    exit_delay_seconds: float = 5.0
+    # SIGTERM/SIGINT: in-flight requests get this long to finish, then they are aborted.
+    shutdown_timeout_seconds: float = 20.0
+    log_level: str = "INFO"
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        for name in ("idle_timeout_seconds", "check_interval_seconds"):
+            if getattr(self, name) <= 0:
+                out.append((name, f"must be > 0, got {getattr(self, name)}"))
+        for name in ("exit_delay_seconds", "shutdown_timeout_seconds"):
+            if getattr(self, name) < 0:
+                out.append((name, f"must be >= 0, got {getattr(self, name)}"))
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            out.append(("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}"))
+        return out
+
+
+@dataclass
+class Config:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    api: ListenConfig = field(default_factory=ListenConfig)
+    metrics: ListenConfig = field(default_factory=lambda: ListenConfig(port=DEFAULT_METRICS_PORT))
+    # Per histogram family group (keys of metrics.DEFAULT_BUCKETS): upper bounds in base units.
+    histogram_buckets: dict[str, list[float]] = field(default_factory=dict)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    slo: SloConfig = field(default_factory=SloConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        for key, bounds in self.histogram_buckets.items():
+            where = f"histogram_buckets.{key}"
+            if key not in DEFAULT_BUCKETS:
+                out.append((where, f"unknown histogram group; known: {', '.join(DEFAULT_BUCKETS)}"))
+            elif not bounds:
+                out.append((where, "must list at least one bucket bound"))
+            elif any(b <= 0 for b in bounds) or list(bounds) != sorted(set(bounds)):
+                out.append((where, "bounds must be positive and strictly increasing"))
+        if self.api.port and self.api.port == self.metrics.port:
+            out.append(("metrics.port", f"must differ from api.port ({self.api.port})"))
+        return out
+
+    def buckets(self) -> dict[str, tuple[float, ...]]:
+        merged = dict(DEFAULT_BUCKETS)
+        merged.update({k: tuple(float(b) for b in v) for k, v in self.histogram_buckets.items()})
+        return merged
+
+
+def _looks_like_path(model: str) -> bool:
+    """Absolute or explicitly relative paths must exist; anything else may be a hub id."""
+    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Build the config from a YAML file (optional) and dotted-key overrides (flags win)."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(source, "-", f"cannot read the file: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, "-", f"not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(source, "-", "the top level must be a mapping of sections")
+        raw = loaded
+    config = _build(Config, raw, source, "")
+    for dotted, value in (overrides or {}).items():
+        _apply_override(config, dotted, value)
+    _check(config, source, "")
+    return config
+
+
+def _apply_override(config: Config, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    target = config
+    for name in parents:
+        target = getattr(target, name)
+    hints = typing.get_type_hints(type(target))
+    setattr(target, leaf, _convert(hints[leaf], value, "command line", f"--{dotted}"))
+
+
+def _check(obj: Any, source: str, prefix: str) -> None:
+    if not dataclasses.is_dataclass(obj):
+        return
+    problems = getattr(obj, "problems", None)
+    if problems is not None:
+        for name, problem in problems():
+            raise ConfigError(source, prefix + name, problem)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                _check(item, source, f"{prefix}{f.name}[{i}].")
+        else:
+            _check(value, source, f"{prefix}{f.name}.")
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str):
+    where = prefix.rstrip(".") or "-"
+    if not isinstance(raw, dict):
+        raise ConfigError(source, where, f"must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(source, prefix + str(unknown[0]),
+                          f"unknown key; known keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, source, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _convert(hint, value, source, prefix + name)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, source: str, where: str) -> Any:
+    """Check `value` against a simple type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(non_none[0], value, source, where)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, where + ".")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(source, where, f"must be a mapping, got {_type_name(value)}")
+        return {str(k): _convert(args[1], v, source, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(source, where, f"must be a list, got {_type_name(value)}")
+        return [_convert(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(source, where, f"must be true or false, got {_type_name(value)} {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(source, where, f"must be an integer, got {_type_name(value)} {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(source, where, f"must be a number, got {_type_name(value)} {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(source, where, f"must be a string, got {_type_name(value)} {value!r}")
+    raise ConfigError(source, where, f"unsupported type {hint}")
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "null"}.get(type(value),
+                                                                         type(value).__name__)

@@ -1,0 +1,155 @@
+"""Daemon lifecycle: validate, bind both ports, start the engine, serve, shut down.
+
+Order matters for the operator: everything that can be checked without the engine (config,
+model path, vLLM's own argument validation, both ports) is checked first, so bad input ends the
+start with exit code 2 and a precise message before a model loads.
+
+Exit codes: 0 after SIGTERM/SIGINT (in-flight requests drained up to the shutdown timeout, then
+aborted); 1 when the engine died (the metrics port first answers `vllm_engine_up 0` for
+`daemon.exit_delay_seconds` so Prometheus records the outage); 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from typing import Any
+
+from . import runtime as runtime_module
+from .config import Config, ConfigError
+from .default_model import SERVED_NAME, ensure_default_model
+
+log = logging.getLogger("exporter.daemon")
+
+EXIT_OK, EXIT_ENGINE_DIED, EXIT_BAD_INPUT = 0, 1, 2
+
+# Engine knobs of EngineConfig that map one-to-one onto vLLM's server flags.
+ENGINE_FLAGS = (
+    "quantization", "dtype", "kv_cache_dtype", "gpu_memory_utilization", "max_model_len",
+    "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
+    "enable_chunked_prefill", "tensor_parallel_size", "pipeline_parallel_size", "seed",
+)
+
+
+class StartupError(Exception):
+    """Bad input found before the engine loads; the message says what and where."""
+
+
+def vllm_argv(config: Config, model_path: str, served_name: str) -> list[str]:
+    """vLLM server flags for this config (flags for None values are left to vLLM's defaults)."""
+    argv = ["--model", model_path, "--served-model-name", served_name,
+            "--host", config.api.host, "--port", str(config.api.port)]
+    values: dict[str, Any] = {name: getattr(config.engine, name) for name in ENGINE_FLAGS}
+    values.update(config.engine.extra_args)
+    for name, value in values.items():
+        argv += _flag(name, value)
+    return argv
+
+
+def _flag(name: str, value: Any) -> list[str]:
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        return []
+    if value is True:
+        return [flag]
+    if value is False:
+        return ["--no-" + name.replace("_", "-")]
+    if isinstance(value, (dict,)):
+        return [flag, json.dumps(value)]
+    if isinstance(value, (list, tuple)):
+        return [flag, *map(str, value)]
+    return [flag, str(value)]
+
+
+def resolve_model(config: Config) -> tuple[str, str]:
+    """(model path or hub id, served model name); the default model is built if needed."""
+    if config.engine.model is None:
+        path = str(ensure_default_model())
+        return path, config.engine.served_model_name or SERVED_NAME
+    return config.engine.model, config.engine.served_model_name or config.engine.model
+
+
+def serve(config: Config, alerts: Any = None) -> int:
+    """Run until stopped; `alerts` is what alerts.prepare_alerts(config) returned."""
+    from . import vllm_compat
+    from .plugin import ExporterStatLogger
+
+    model_path, served_name = resolve_model(config)
+    config.engine.served_model_name = served_name
+    argv = vllm_argv(config, model_path, served_name)
+    if config.daemon.shutdown_timeout_seconds:
+        argv += ["--shutdown-timeout", str(int(config.daemon.shutdown_timeout_seconds))]
+    vllm_compat.cli_env_setup()
+    try:
+        args = vllm_compat.parse_server_args(argv)
+    except SystemExit as exc:  # argparse already printed which flag is wrong
+        raise StartupError(f"vLLM rejected the engine arguments {argv!r}") from exc
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StartupError(f"vLLM rejected the engine arguments: {exc}") from exc
+
+    rt = runtime_module.Runtime(config, mode="daemon", vllm_version=vllm_compat.VLLM_VERSION)
+    rt.model = served_name
+    try:
+        rt.bind_metrics_port()
+    except OSError as exc:
+        raise ConfigError("metrics", "metrics.port",
+                          f"cannot listen on {config.metrics.host}:{config.metrics.port}: "
+                          f"{exc.strerror}") from None
+    try:
+        listen_address, sock = vllm_compat.setup_server(args)
+    except OSError as exc:
+        rt.stop()
+        raise ConfigError("api", "api.port",
+                          f"cannot listen on {config.api.host}:{config.api.port}: "
+                          f"{exc.strerror}") from None
+    rt.start()
+    runtime_module.install(rt)
+    if alerts is not None:
+        alerts.start(rt)
+    try:
+        return asyncio.run(_run(rt, args, listen_address, sock, ExporterStatLogger))
+    except KeyboardInterrupt:
+        log.info("interrupted during start-up")
+        return EXIT_OK
+    finally:
+        sock.close()
+        if alerts is not None:
+            alerts.stop()
+        rt.stop()
+        runtime_module.install(None)
+
+
+async def _run(rt: runtime_module.Runtime, args, listen_address: str, sock, stat_logger) -> int:
+    from . import vllm_compat
+
+    # Until vLLM's server installs its own handlers, a SIGTERM interrupts the engine start.
+    def interrupt_start(*_: Any) -> None:
+        raise KeyboardInterrupt("terminated during start-up")
+
+    signal.signal(signal.SIGTERM, interrupt_start)
+    engine = vllm_compat.build_engine(args, [stat_logger])
+    # vLLM's signal handler shuts the engine down through engine.shutdown(); an engine that
+    # dies never goes through it first. That is how a stop is told apart from a death.
+    vllm_compat.before_engine_shutdown(engine, rt.mark_stopping)
+    try:
+        vllm_compat.count_client_aborts(engine, rt.count_client_aborts)
+        rt.watch_engine(lambda: vllm_compat.unfinished_requests(engine),
+                        lambda: vllm_compat.engine_dead(engine))
+        sock.listen(2048)  # accept (queue) connections from the moment we report ready
+        rt.set_engine_serving()
+        log.info("serving %s: API on %s, metrics on port %d", rt.model, listen_address,
+                 rt.server.port)
+        shutdown = await vllm_compat.serve(engine, listen_address, sock, args)
+        if asyncio.iscoroutine(shutdown) or isinstance(shutdown, asyncio.Future):
+            await shutdown
+    finally:
+        rt.check_engine_health()  # a death not yet seen by the side loop
+        engine.shutdown()
+    if rt.engine_state == "dead":
+        delay = rt.config.daemon.exit_delay_seconds
+        log.error("engine died; exiting with code %d in %.0f s", EXIT_ENGINE_DIED, delay)
+        await asyncio.sleep(delay)
+        return EXIT_ENGINE_DIED
+    return EXIT_OK

@@ -1,0 +1,178 @@
+"""vLLM's per-step statistics -> metric updates. This is the hot path.
+
+`StatsRecorder.record()` runs on vLLM's asyncio event loop once per engine step (from the stat
+logger in plugin.py). It does a fixed amount of work per stat: every metric child it touches is
+bound once per engine index up front, so a step costs attribute lookups and lock-protected adds,
+never a label lookup, an allocation of label tuples, or I/O. Lists in the stats (first tokens,
+inter-token gaps, finished requests) cost one histogram observation per element, as they must.
+
+This module reads vLLM's stats objects by attribute only and imports nothing from vLLM.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable
+
+from .metrics import EngineMetrics
+from .slo import LatencyObjective, ObjectiveCounter
+
+KNOWN_FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
+OTHER = "other"
+
+
+class _EngineChildren:
+    """The metric children of one (model, engine index), bound once."""
+
+    __slots__ = (
+        "running", "waiting", "kv_usage", "prompt_tokens", "generation_tokens",
+        "prefix_queries", "prefix_hits", "preemptions", "steps", "last_step",
+        "ttft", "itl", "tpot", "e2e", "queue", "prefill", "decode", "prompt_len", "gen_len",
+        "finished", "finished_other", "blocks", "block_size", "capacity_tokens",
+        "bytes_per_token", "capacity_bytes", "slo_ttft", "slo_tpot", "slo_e2e",
+    )
+
+    def __init__(self, m: EngineMetrics, model: str, engine: str,
+                 objectives: Iterable[LatencyObjective] = ()):
+        labels = (model, engine)
+        self.running = m.requests_running.labels(*labels)
+        self.waiting = m.requests_waiting.labels(*labels)
+        self.kv_usage = m.kv_cache_usage_ratio.labels(*labels)
+        self.prompt_tokens = m.prompt_tokens.labels(*labels)
+        self.generation_tokens = m.generation_tokens.labels(*labels)
+        self.prefix_queries = m.prefix_cache_queries.labels(*labels)
+        self.prefix_hits = m.prefix_cache_hits.labels(*labels)
+        self.preemptions = m.preemptions.labels(*labels)
+        self.steps = m.engine_steps.labels(*labels)
+        self.last_step = m.engine_last_step_timestamp_seconds.labels(*labels)
+        self.ttft = m.time_to_first_token_seconds.labels(*labels)
+        self.itl = m.inter_token_latency_seconds.labels(*labels)
+        self.tpot = m.time_per_output_token_seconds.labels(*labels)
+        self.e2e = m.e2e_request_latency_seconds.labels(*labels)
+        self.queue = m.request_queue_time_seconds.labels(*labels)
+        self.prefill = m.request_prefill_time_seconds.labels(*labels)
+        self.decode = m.request_decode_time_seconds.labels(*labels)
+        self.prompt_len = m.request_prompt_tokens.labels(*labels)
+        self.gen_len = m.request_generation_tokens.labels(*labels)
+        # Keyed by whatever object vLLM hands us as finish_reason (an IntEnum); filled lazily
+        # from the bounded set of known names, anything else counts as "other".
+        self.finished: dict[Any, Any] = {}
+        for reason in KNOWN_FINISH_REASONS:
+            self.finished[reason] = m.requests_finished.labels(model, engine, reason)
+        self.finished_other = m.requests_finished.labels(model, engine, OTHER)
+        self.blocks = m.kv_cache_blocks.labels(*labels)
+        self.block_size = m.kv_cache_block_size_tokens.labels(*labels)
+        self.capacity_tokens = m.kv_cache_capacity_tokens.labels(*labels)
+        self.bytes_per_token = m.kv_cache_bytes_per_token.labels(*labels)
+        self.capacity_bytes = m.kv_cache_capacity_bytes.labels(*labels)
+        objectives = tuple(objectives)
+
+        def counters(signal: str) -> tuple[ObjectiveCounter, ...]:
+            return tuple(ObjectiveCounter(m.slo_requests, model, engine, o)
+                         for o in objectives if o.signal == signal)
+
+        self.slo_ttft = counters("time_to_first_token")
+        self.slo_tpot = counters("time_per_output_token")
+        self.slo_e2e = counters("e2e_request_latency")
+
+
+class StatsRecorder:
+    """Applies SchedulerStats / IterationStats to the engine metric families."""
+
+    def __init__(self, metrics: EngineMetrics, model: str, engine_indexes: Iterable[int] = (0,),
+                 reason_name: Callable[[Any], str] = str,
+                 objectives: Iterable[LatencyObjective] = (),
+                 wall_clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
+        self.metrics = metrics
+        self.model = model
+        self._objectives = tuple(objectives)
+        self._reason_name = reason_name
+        self._wall_clock = wall_clock
+        self._monotonic = monotonic
+        self._engines: dict[int, _EngineChildren] = {}
+        for index in engine_indexes:
+            self._bind(index)
+        # Read by the idle watchdog on another thread: plain attribute reads, no lock needed.
+        self.last_step_monotonic = 0.0
+        self.state_nonzero = False
+
+    def _bind(self, engine_idx: int) -> _EngineChildren:
+        children = _EngineChildren(self.metrics, self.model, str(engine_idx), self._objectives)
+        self._engines[engine_idx] = children
+        return children
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, engine_idx: int = 0) -> None:
+        e = self._engines.get(engine_idx) or self._bind(engine_idx)
+        e.steps.inc()
+        e.last_step.set(self._wall_clock())
+        self.last_step_monotonic = self._monotonic()
+
+        if scheduler_stats is not None:
+            running = scheduler_stats.num_running_reqs
+            waiting = scheduler_stats.num_waiting_reqs + getattr(
+                scheduler_stats, "num_skipped_waiting_reqs", 0)
+            kv_usage = scheduler_stats.kv_cache_usage
+            e.running.set(running)
+            e.waiting.set(waiting)
+            e.kv_usage.set(kv_usage)
+            self.state_nonzero = bool(running or waiting or kv_usage)
+            prefix = scheduler_stats.prefix_cache_stats
+            if prefix is not None:
+                e.prefix_queries.inc(prefix.queries)
+                e.prefix_hits.inc(prefix.hits)
+
+        if iteration_stats is None:
+            return
+        e.prompt_tokens.inc(iteration_stats.num_prompt_tokens)
+        e.generation_tokens.inc(iteration_stats.num_generation_tokens)
+        e.preemptions.inc(iteration_stats.num_preempted_reqs)
+        for value in iteration_stats.time_to_first_tokens_iter:
+            e.ttft.observe(value)
+            for objective in e.slo_ttft:
+                objective.observe(value)
+        for value in iteration_stats.inter_token_latencies_iter:
+            e.itl.observe(value)
+        for request in iteration_stats.finished_requests:
+            self._record_finished(e, request)
+
+    def _record_finished(self, e: _EngineChildren, request: Any) -> None:
+        reason = request.finish_reason
+        counter = e.finished.get(reason)
+        if counter is None:
+            name = self._reason_name(reason)
+            counter = e.finished.get(name, e.finished_other)
+            e.finished[reason] = counter  # bounded: one entry per enum member vLLM defines
+        counter.inc()
+        e.e2e.observe(request.e2e_latency)
+        for objective in e.slo_e2e:
+            objective.observe(request.e2e_latency)
+        e.queue.observe(request.queued_time)
+        e.prefill.observe(request.prefill_time)
+        e.decode.observe(request.decode_time)
+        e.prompt_len.observe(request.num_prompt_tokens)
+        e.gen_len.observe(request.num_generation_tokens)
+        # vLLM reports 0 for requests with a single output token (no decode interval); such a
+        # request has no time per output token, so it is not observed.
+        if request.num_generation_tokens > 1:
+            e.tpot.observe(request.mean_time_per_output_token)
+            for objective in e.slo_tpot:
+                objective.observe(request.mean_time_per_output_token)
+
+    def set_capacity(self, geometry: dict[str, float]) -> None:
+        """KV-cache capacity gauges, per engine (every engine of one config has the same)."""
+        tokens = geometry["blocks"] * geometry["block_size"]
+        for e in self._engines.values():
+            e.blocks.set(geometry["blocks"])
+            e.block_size.set(geometry["block_size"])
+            e.capacity_tokens.set(tokens)
+            e.bytes_per_token.set(geometry["bytes_per_token"])
+            e.capacity_bytes.set(tokens * geometry["bytes_per_token"])
+
+    def reset_engine_state(self) -> None:
+        """The engine is idle: running, waiting and KV usage are 0 whatever the last step said."""
+        for e in self._engines.values():
+            e.running.set(0)
+            e.waiting.set(0)
+            e.kv_usage.set(0)
+        self.state_nonzero = False

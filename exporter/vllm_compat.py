@@ -1,0 +1,249 @@
+"""The only module that imports vLLM internals. Shims for vLLM 0.26 .. 0.33.
+
+vLLM moved its server helpers between releases (0.26: vllm.entrypoints.openai.api_server;
+0.32: vllm.entrypoints.launchers.*; 0.33: vllm.entrypoints.common.*), and its statistics objects
+grow fields from release to release. Everything here looks names up in the places each release
+keeps them, and reads optional stats fields with getattr, so the rest of the package never
+imports vLLM directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from argparse import Namespace
+from typing import Any, Callable
+
+import vllm
+from vllm.v1.metrics.loggers import AggregateStatLoggerBase, StatLoggerBase  # noqa: F401
+
+from .capacity import kv_bytes_per_token, kv_cache_dtype_bytes
+
+VLLM_VERSION: str = getattr(vllm, "__version__", "unknown")
+
+
+def _first_attr(name: str, modules: tuple[str, ...]) -> Any:
+    """`name` from the first of `modules` that has it (vLLM moves helpers between releases)."""
+    errors = []
+    for module_name in modules:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            errors.append(f"{module_name}: {exc}")
+            continue
+        if hasattr(module, name):
+            return getattr(module, name)
+        errors.append(f"{module_name}: no {name}")
+    raise ImportError(f"vLLM {VLLM_VERSION}: cannot find {name} ({'; '.join(errors)})")
+
+
+_LAUNCHER_MODULES = (
+    "vllm.entrypoints.common.launcher",          # 0.33
+    "vllm.entrypoints.launchers.launcher",       # 0.32
+    "vllm.entrypoints.launcher",                 # 0.26
+)
+_ENTRY_MODULES = (
+    "vllm.entrypoints.common.api_server.entry",  # 0.33
+    "vllm.entrypoints.launchers.api_server.entry",  # 0.32
+    "vllm.entrypoints.openai.api_server",        # 0.26
+)
+_APP_MODULES = (
+    "vllm.entrypoints.common.app",
+    "vllm.entrypoints.launchers.app",
+    "vllm.entrypoints.openai.api_server",
+)
+_APP_STATE_MODULES = (
+    "vllm.entrypoints.common.api_server.app_state",
+    "vllm.entrypoints.launchers.api_server.app_state",
+    "vllm.entrypoints.openai.api_server",
+)
+_CLI_ARGS_MODULES = (
+    "vllm.entrypoints.common.cli_args",
+    "vllm.entrypoints.launchers.cli_args",
+    "vllm.entrypoints.openai.cli_args",
+)
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+def finish_reason_name(reason: Any) -> str:
+    """vLLM's FinishReason is an IntEnum whose str() is the user-facing name."""
+    return str(reason)
+
+
+def engine_config_labels(vllm_config: Any, served_model_name: str) -> dict[str, str]:
+    """The tuning configuration the engine actually runs with, as label values."""
+    model_config = vllm_config.model_config
+    cache_config = vllm_config.cache_config
+    scheduler_config = vllm_config.scheduler_config
+    parallel_config = vllm_config.parallel_config
+    device_config = getattr(vllm_config, "device_config", None)
+
+    def text(value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value).removeprefix("torch.")
+
+    return {
+        "model": served_model_name,
+        "served_model_name": text(model_config.served_model_name),
+        "vllm_version": VLLM_VERSION,
+        "quantization": text(getattr(model_config, "quantization", None)) or "none",
+        "dtype": text(model_config.dtype),
+        "kv_cache_dtype": text(cache_config.cache_dtype),
+        "gpu_memory_utilization": text(cache_config.gpu_memory_utilization),
+        "max_model_len": text(model_config.max_model_len),
+        "max_num_seqs": text(scheduler_config.max_num_seqs),
+        "max_num_batched_tokens": text(scheduler_config.max_num_batched_tokens),
+        "block_size": text(cache_config.block_size),
+        "enable_prefix_caching": text(cache_config.enable_prefix_caching),
+        "enable_chunked_prefill": text(getattr(scheduler_config, "enable_chunked_prefill", None)),
+        "tensor_parallel_size": text(parallel_config.tensor_parallel_size),
+        "pipeline_parallel_size": text(parallel_config.pipeline_parallel_size),
+        "data_parallel_size": text(getattr(parallel_config, "data_parallel_size", 1)),
+        "seed": text(getattr(model_config, "seed", None)),
+        "device": text(getattr(device_config, "device_type", "")),
+    }
+
+
+def kv_cache_geometry(vllm_config: Any) -> dict[str, float]:
+    """Blocks, block size and bytes per token of the engine's KV cache (0 where unknown)."""
+    model_config = vllm_config.model_config
+    cache_config = vllm_config.cache_config
+    blocks = cache_config.num_gpu_blocks or 0
+    block_size = cache_config.block_size or 0
+    try:
+        text_config = getattr(model_config, "hf_text_config", model_config.hf_config)
+        layers = int(text_config.num_hidden_layers)
+        mla = bool(getattr(model_config, "use_mla", False))
+        kv_heads = 1 if mla else int(model_config.get_total_num_kv_heads())
+        head_dim = int(model_config.get_head_size())
+        element = kv_cache_dtype_bytes(cache_config.cache_dtype, str(model_config.dtype))
+        per_token = kv_bytes_per_token(layers, kv_heads, head_dim, element, mla=mla)
+    except (AttributeError, TypeError, ValueError):
+        per_token = 0
+    return {"blocks": blocks, "block_size": block_size, "bytes_per_token": per_token}
+
+
+def gpu_memory_utilization(vllm_config: Any) -> float | None:
+    return getattr(vllm_config.cache_config, "gpu_memory_utilization", None)
+
+
+def served_model_name(vllm_config: Any) -> str:
+    name = vllm_config.model_config.served_model_name
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    return str(name or vllm_config.model_config.model)
+
+
+# --- the in-process OpenAI server ----------------------------------------------------------
+
+def parse_server_args(argv: list[str]) -> Namespace:
+    """vLLM's own server argument parser and validation, on an argv we build from our config."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    make_arg_parser = _first_attr("make_arg_parser", _CLI_ARGS_MODULES)
+    validate = _first_attr("validate_parsed_serve_args", _CLI_ARGS_MODULES)
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm-exporter serve"))
+    args = parser.parse_args(argv)
+    validate(args)
+    return args
+
+
+def cli_env_setup() -> None:
+    """What vLLM's CLI does before serving (spawn start method for workers)."""
+    try:
+        setup = _first_attr("cli_env_setup", ("vllm.entrypoints.serve.utils.api_utils",
+                                               "vllm.entrypoints.utils"))
+    except ImportError:
+        return
+    setup()
+
+
+def setup_server(args: Namespace):
+    """Bind the API socket (before the engine loads, so a busy port fails fast)."""
+    fn = _first_attr("setup_server", _LAUNCHER_MODULES + _ENTRY_MODULES)
+    if "reuse_port" in inspect.signature(fn).parameters:
+        return fn(args, reuse_port=False)
+    return fn(args)
+
+
+def build_engine(args: Namespace, stat_loggers: list[Callable]) -> Any:
+    """An AsyncLLM from the parsed server args, with our stat logger attached."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    return AsyncLLM.from_vllm_config(
+        vllm_config=vllm_config,
+        usage_context=UsageContext.OPENAI_API_SERVER,
+        stat_loggers=stat_loggers,
+        enable_log_requests=getattr(engine_args, "enable_log_requests", False),
+        disable_log_stats=False,
+    )
+
+
+async def serve(engine: Any, listen_address: str, sock: Any, args: Namespace):
+    """vLLM's own FastAPI app on `sock`; returns when the server has stopped."""
+    try:
+        build_and_serve = _first_attr("build_and_serve", _ENTRY_MODULES)
+    except ImportError:
+        build_and_serve = None
+    if build_and_serve is not None:
+        return await build_and_serve(engine, listen_address, sock, args)
+    # 0.26: assemble the same steps by hand.
+    build_app = _first_attr("build_app", _APP_MODULES)
+    init_app_state = _first_attr("init_app_state", _APP_STATE_MODULES)
+    serve_http = _first_attr("serve_http", _LAUNCHER_MODULES)
+    supported_tasks = await engine.get_supported_tasks()
+    app = build_app(args, supported_tasks) if _arity(build_app) == 2 else build_app(args)
+    await init_app_state(engine, app.state, args, supported_tasks)
+    return await serve_http(app, sock=sock, host=args.host, port=args.port,
+                            log_level=args.uvicorn_log_level,
+                            access_log=not args.disable_uvicorn_access_log)
+
+
+def _arity(fn: Callable) -> int:
+    return len(inspect.signature(fn).parameters)
+
+
+def engine_dead(engine: Any) -> bool:
+    return bool(getattr(engine, "errored", False))
+
+
+def unfinished_requests(engine: Any) -> int:
+    return int(engine.get_num_unfinished_requests())
+
+
+def count_client_aborts(engine: Any, on_aborted: Callable[[int], None]) -> None:
+    """Call `on_aborted(n)` each time the front end aborts n live requests.
+
+    vLLM's output processor drops a request aborted by its client (a closed stream) without
+    producing finished-request statistics, so no stat logger ever sees it. The wrapper counts
+    the requests that were still live when the abort arrived (its return value).
+    """
+    processor = engine.output_processor
+    original = processor.abort_requests
+
+    def abort_requests(*args: Any, **kwargs: Any):
+        aborted = original(*args, **kwargs)
+        if aborted:
+            on_aborted(len(aborted))
+        return aborted
+
+    processor.abort_requests = abort_requests
+
+
+def before_engine_shutdown(engine: Any, callback: Callable[[], None]) -> None:
+    """Call `callback()` when something asks the engine to shut down (a stop, not a crash)."""
+    original = engine.shutdown
+
+    def shutdown(*args: Any, **kwargs: Any):
+        callback()
+        return original(*args, **kwargs)
+
+    engine.shutdown = shutdown

@@ -1,0 +1,137 @@
+"""Session fixtures: ONE real daemon (real vLLM CPU engine, embedded default model) per session.
+
+Starting an engine costs 30-60 s on these machines, so every test that needs a live engine
+shares the `daemon` fixture; tests that must kill or restart an engine start their own
+(test_lifecycle.py) and stay few.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import Samples, free_port, http_get, scrape
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT = 420  # seconds; a cold start on 2 busy cores can take several minutes
+STOP_TIMEOUT = 60  # seconds allowed for a clean SIGTERM shutdown of the shared daemon
+
+
+def daemon_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen
+    api_port: int
+    metrics_port: int
+    log_path: Path
+    config_path: Path
+    model: str = "vllm-exporter-default"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def scrape(self) -> Samples:
+        return scrape(self.metrics_url)
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "<no log>"
+
+
+def daemon_config(api_port: int, metrics_port: int, **sections) -> dict:
+    config = {
+        "engine": {"max_model_len": 512, "max_num_seqs": 32, "seed": 0},
+        "api": {"host": "127.0.0.1", "port": api_port},
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        "daemon": {"idle_timeout_seconds": 1.0, "check_interval_seconds": 0.25,
+                   "exit_delay_seconds": 3.0, "shutdown_timeout_seconds": 10.0},
+        "gpu": {"enabled": True},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config
+
+
+def start_daemon(tmp: Path, config: dict, name: str = "daemon") -> Daemon:
+    config_path = tmp / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = tmp / f"{name}.log"
+    log_file = open(log_path, "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "serve", "--config", str(config_path)],
+        stdout=log_file, stderr=subprocess.STDOUT, env=daemon_env(), cwd=ROOT,
+        start_new_session=True)
+    daemon = Daemon(process, config["api"]["port"], config["metrics"]["port"], log_path,
+                    config_path)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"daemon exited with {process.returncode} during start-up:\n"
+                               f"{daemon.log_tail()}")
+        try:
+            status, _, _ = http_get(f"http://127.0.0.1:{daemon.metrics_port}/-/ready", timeout=2)
+            if status == 200:
+                return daemon
+        except OSError:
+            pass
+        time.sleep(1)
+    stop_process_group(process)
+    raise RuntimeError(f"daemon not ready after {STARTUP_TIMEOUT} s:\n{daemon.log_tail()}")
+
+
+def stop_process_group(process: subprocess.Popen, sig: int = signal.SIGTERM,
+                       timeout: float = STOP_TIMEOUT) -> int | None:
+    """Signal the daemon; returns its exit code, or None if it had to be killed."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+            return None
+    # Whatever the daemon left behind (it should leave nothing) goes too.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return process.returncode
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def daemon(session_tmp: Path):
+    """The shared daemon. Its teardown is itself a test: SIGTERM must exit 0 in bounded time."""
+    api_port, metrics_port = free_port(), free_port()
+    d = start_daemon(session_tmp, daemon_config(api_port, metrics_port))
+    yield d
+    started = time.monotonic()
+    code = stop_process_group(d.process)
+    took = time.monotonic() - started
+    assert code == 0, f"shared daemon: SIGTERM gave exit code {code}:\n{d.log_tail()}"
+    assert took < STOP_TIMEOUT, f"shared daemon took {took:.1f} s to stop"

@@ -1,0 +1,64 @@
+"""Small helpers shared by the tests: ports, waiting, scraping and parsing expositions."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from typing import Callable
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2,
+             what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tuple[int, bytes, dict]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+class Samples:
+    """A parsed exposition: value lookups by sample name and label subset."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.by_name: dict[str, list[tuple[dict, float]]] = defaultdict(list)
+        self.types: dict[str, str] = {}
+        for family in text_string_to_metric_families(text):
+            self.types[family.name] = family.type
+            for sample in family.samples:
+                self.by_name[sample.name].append((sample.labels, sample.value))
+
+    def get(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels` (0 when none)."""
+        return sum(value for sample_labels, value in self.by_name.get(name, [])
+                   if all(sample_labels.get(k) == v for k, v in labels.items()))
+
+    def series(self, name: str) -> list[tuple[dict, float]]:
+        return self.by_name.get(name, [])
+
+
+def scrape(metrics_url: str) -> Samples:
+    status, body, _ = http_get(metrics_url)
+    assert status == 200, f"GET {metrics_url} -> {status}"
+    return Samples(body.decode())
