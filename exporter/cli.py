@@ -15,7 +15,9 @@ import yaml
 
 from .alerts import prepare_alerts
 from .alerts.cli import add_rules_parser, run_rules
+from .dashboards.cli import add_dashboards_parser, run_dashboards
 from .config import ConfigError, load_config
+from .tuning.cli import TUNING_COMMANDS, add_tuning_parsers, run_tuning
 
 # (flag, config field, type) for the engine knobs; booleans get --x / --no-x.
 ENGINE_OPTIONS: tuple[tuple[str, type], ...] = (
@@ -51,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(check)
 
     add_rules_parser(sub)
+    add_tuning_parsers(sub)
+    add_dashboards_parser(sub)
 
     docs = sub.add_parser("docs", help="generate reference docs from the code")
     docs.add_argument("what", choices=["metrics"])
@@ -80,6 +84,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                         help="metrics host (127.0.0.1)")
     listen.add_argument("--metrics-port", dest="metrics.port", type=int, default=None,
                         help="metrics port (9410)")
+    listen.add_argument("--web-config-file", dest="metrics.web_config_file", default=None,
+                        metavar="FILE",
+                        help="TLS and basic auth for the metrics port (exporter-toolkit format; "
+                             "reloaded on SIGHUP)")
     p.add_argument("--log-level", dest="daemon.log_level", default=None,
                    help="DEBUG, INFO, WARNING or ERROR")
 
@@ -106,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_docs(args.what, args.out, args.check)
         if args.command == "rules":
             return run_rules(args)
+        if args.command == "dashboards":
+            return run_dashboards(args)
+        if args.command in TUNING_COMMANDS:
+            return run_tuning(args)
         config = config_from_args(args)
         alerts = prepare_alerts(config)  # validates the rule file too
         if args.command == "check-config":

@@ -87,6 +87,33 @@ class ListenConfig:
 
 
 @dataclass
+class MetricsListenConfig(ListenConfig):
+    """The metrics port: where it listens, its web config (TLS, basic auth) and its limits."""
+
+    port: int = DEFAULT_METRICS_PORT
+    # exporter-toolkit web configuration file (docs/security.md); None: plain HTTP, no auth.
+    web_config_file: str | None = None
+    # Requests handled at once; more get 503 at once (each may cost a bcrypt check or a render).
+    max_concurrent_requests: int = 8
+    # Open connections (each holds a thread); beyond this a new connection is closed at once.
+    max_connections: int = 64
+    # Socket timeout for each read and write of a request; a slow client is dropped after it.
+    request_timeout_seconds: float = 10.0
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
+        for name in ("max_concurrent_requests", "max_connections"):
+            if getattr(self, name) < 1:
+                out.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        if self.max_connections < self.max_concurrent_requests:
+            out.append(("max_connections", "must be >= max_concurrent_requests"))
+        if self.request_timeout_seconds <= 0:
+            out.append(("request_timeout_seconds",
+                        f"must be > 0, got {self.request_timeout_seconds}"))
+        return out
+
+
+@dataclass
 class DaemonConfig:
     # No engine step for this long and no unfinished request: the engine is idle, and the
     # running/waiting/KV-usage gauges are set to 0 (vLLM itself leaves them at stale values).
@@ -99,9 +126,13 @@ class DaemonConfig:
     # SIGTERM/SIGINT: in-flight requests get this long to finish, then they are aborted.
     shutdown_timeout_seconds: float = 20.0
     log_level: str = "INFO"
+    # Distinct engine indexes that get their own `engine` label; more fold into engine="other".
+    max_engines: int = 64
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
+        if self.max_engines < 1:
+            out.append(("max_engines", f"must be >= 1, got {self.max_engines}"))
         for name in ("idle_timeout_seconds", "check_interval_seconds"):
             if getattr(self, name) <= 0:
                 out.append((name, f"must be > 0, got {getattr(self, name)}"))
@@ -117,7 +148,7 @@ class DaemonConfig:
 class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     api: ListenConfig = field(default_factory=ListenConfig)
-    metrics: ListenConfig = field(default_factory=lambda: ListenConfig(port=DEFAULT_METRICS_PORT))
+    metrics: MetricsListenConfig = field(default_factory=MetricsListenConfig)
     # Per histogram family group (keys of metrics.DEFAULT_BUCKETS): upper bounds in base units.
     histogram_buckets: dict[str, list[float]] = field(default_factory=dict)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -173,6 +204,10 @@ def load_config(path: str | os.PathLike | None = None,
     for dotted, value in (overrides or {}).items():
         _apply_override(config, dotted, value)
     _check(config, source, "")
+    if config.metrics.web_config_file:
+        from .web_config import load_web_config
+
+        load_web_config(config.metrics.web_config_file)  # raises ConfigError naming that file
     return config
 
 

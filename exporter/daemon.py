@@ -7,6 +7,9 @@ start with exit code 2 and a precise message before a model loads.
 Exit codes: 0 after SIGTERM/SIGINT (in-flight requests drained up to the shutdown timeout, then
 aborted); 1 when the engine died (the metrics port first answers `vllm_engine_up 0` for
 `daemon.exit_delay_seconds` so Prometheus records the outage); 2 for bad input.
+
+SIGHUP re-reads the metrics port's web config file (TLS, basic auth); the engine is untouched,
+and an invalid file leaves the previous configuration active (docs/security.md).
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ import asyncio
 import importlib.metadata
 import json
 import logging
+import os
 import signal
 import socket
+import ssl
+import threading
 from typing import Any
 
 from . import runtime as runtime_module
@@ -35,6 +41,9 @@ ENGINE_FLAGS = (
 )
 
 
+PROFILE_GUARD = "exporter.tuning.profile_guard.ProfileGuard"
+
+
 class StartupError(Exception):
     """Bad input found before the engine loads; the message says what and where."""
 
@@ -47,6 +56,10 @@ def vllm_argv(config: Config, model_path: str, served_name: str) -> list[str]:
     values.update(config.engine.extra_args)
     for name, value in values.items():
         argv += _flag(name, value)
+    if "profiler_config" in config.engine.extra_args:
+        # vLLM's profiling routes exist only with a profiler config; they then answer only
+        # requests that carry the profiling token (docs/tuning.md).
+        argv += ["--middleware", PROFILE_GUARD]
     return argv
 
 
@@ -80,6 +93,11 @@ def serve(config: Config, alerts: Any = None) -> int:
         rt.bind_metrics_port()
     except OSError as exc:
         raise _port_error("metrics", config.metrics.host, config.metrics.port, exc) from None
+    _install_reload_handler(rt)  # from here on SIGHUP reloads instead of ending the process
+    # vLLM's API server imports model_hosting_container_standards, which at import sets the
+    # root logger and its handlers to $SAGEMAKER_CONTAINER_LOG_LEVEL (default ERROR), silencing
+    # every INFO/WARNING line of ours after start-up (reloads included). Keep our level.
+    os.environ.setdefault("SAGEMAKER_CONTAINER_LOG_LEVEL", config.daemon.log_level.upper())
     try:
         _probe_port(config.api.host, config.api.port)
         listen_address, sock, args = _prepare_engine_args(config)
@@ -104,6 +122,46 @@ def serve(config: Config, alerts: Any = None) -> int:
             alerts.stop()
         rt.stop()
         runtime_module.install(None)
+
+
+def _install_reload_handler(rt: runtime_module.Runtime) -> None:
+    """SIGHUP -> reload the web config. vLLM's server handles only SIGINT/SIGTERM, so a handler
+    set here in the main thread stays in place. The handler only starts a thread: reading files
+    and logging inside a signal handler could deadlock on a lock the interrupted code holds."""
+
+    def on_sighup(*_: Any) -> None:
+        threading.Thread(target=rt.reload_web_config, name="web-config-reload",
+                         daemon=True).start()
+
+    signal.signal(signal.SIGHUP, on_sighup)
+
+
+async def _mark_serving_when_healthy(rt: runtime_module.Runtime, args, listen_address: str):
+    """`/-/ready` turns 200 (and vllm_engine_up 1) when vLLM's own /health answers 200: the
+    engine is up and the API app is built and accepting requests."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host or "", args.host)
+    tls = None
+    if getattr(args, "ssl_certfile", None):
+        tls = ssl.create_default_context()
+        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE  # our own server, by address
+    request = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(host, args.port, ssl=tls)
+            try:
+                writer.write(request)
+                await writer.drain()
+                status_line = await asyncio.wait_for(reader.readline(), 5)
+            finally:
+                writer.close()
+            if status_line.split(b" ")[1:2] == [b"200"]:
+                rt.set_engine_serving()
+                log.info("serving %s: API on %s, metrics on port %d", rt.model, listen_address,
+                         rt.server.port)
+                return
+        except (OSError, asyncio.TimeoutError):
+            pass
+        await asyncio.sleep(0.25)
 
 
 def installed_vllm_version() -> str:
@@ -170,11 +228,9 @@ async def _run(rt: runtime_module.Runtime, args, listen_address: str, sock, stat
         vllm_compat.count_client_aborts(engine, rt.count_client_aborts)
         rt.watch_engine(lambda: vllm_compat.unfinished_requests(engine),
                         lambda: vllm_compat.engine_dead(engine))
-        sock.listen(2048)  # accept (queue) connections from the moment we report ready
-        rt.set_engine_serving()
-        log.info("serving %s: API on %s, metrics on port %d", rt.model, listen_address,
-                 rt.server.port)
+        ready_probe = asyncio.create_task(_mark_serving_when_healthy(rt, args, listen_address))
         shutdown = await vllm_compat.serve(engine, listen_address, sock, args)
+        ready_probe.cancel()
         if asyncio.iscoroutine(shutdown) or isinstance(shutdown, asyncio.Future):
             await shutdown
     finally:

@@ -11,9 +11,12 @@ spec's name is the name users query), `_info` for identity, no colons.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 ENGINE_LABELS = ("model", "engine")
 
@@ -76,7 +79,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     # --- engine state, one update per engine step -------------------------------------------
     FamilySpec("vllm_requests_running", "gauge",
                "Requests in the engine's running batch.",
-               source="SchedulerStats.num_running_reqs (0 when idle, see docs/metrics.md)"),
+               source="SchedulerStats.num_running_reqs (0 when idle, see docs/metrics-guide.md)"),
     FamilySpec("vllm_requests_waiting", "gauge",
                "Requests waiting to be scheduled, deferred ones included.",
                source="SchedulerStats.num_waiting_reqs + num_skipped_waiting_reqs"),
@@ -209,6 +212,19 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("vllm_exporter_scrapes_total", "counter",
                "Requests to the metrics port, by path and HTTP status code.",
                labels=("path", "code"), source="the metrics server"),
+    FamilySpec("vllm_exporter_scrapes_rejected_total", "counter",
+               "Requests or connections the metrics port refused to protect itself, by reason "
+               "(concurrency: 503 beyond metrics.max_concurrent_requests; connections: closed "
+               "beyond metrics.max_connections; too_large: request line or headers too long).",
+               labels=("reason",), source="the metrics server"),
+    FamilySpec("vllm_exporter_config_reloads_total", "counter",
+               "Reloads of the metrics port's web config file (SIGHUP), by result; on failure "
+               "the previous configuration stays active.",
+               labels=("result",), source="the daemon's SIGHUP handler"),
+    FamilySpec("vllm_exporter_label_overflow_total", "counter",
+               "Updates whose label value was beyond its cap and was folded into \"other\", by "
+               "label (engine: more than daemon.max_engines engine indexes).",
+               labels=("label",), source="the stat logger"),
 )
 
 ERROR_COMPONENTS = ("stat_logger", "idle_watchdog", "engine_health", "metrics_server", "gpu",
@@ -252,10 +268,11 @@ class EngineMetrics:
             if family.kind == "info":
                 kwargs["name"] = family.name
             return Gauge(**kwargs)
+        if family.kind == "histogram" and family.buckets_key:
+            return HotPathHistogram(family.name, family.help, family.labels,
+                                    self.buckets[family.buckets_key], self.registry)
         if family.kind == "histogram":
-            buckets = (self.buckets[family.buckets_key] if family.buckets_key
-                       else SCRAPE_DURATION_BUCKETS)
-            return Histogram(buckets=buckets, **kwargs)
+            return Histogram(buckets=SCRAPE_DURATION_BUCKETS, **kwargs)
         raise ValueError(f"unknown kind {family.kind!r} for {family.name}")
 
 
@@ -268,3 +285,66 @@ def _attr_name(family: FamilySpec) -> str:
     if family.kind == "counter" and name.endswith("_total"):
         name = name[: -len("_total")]
     return name
+
+
+class HotPathHistogram:
+    """A histogram family for the stat logger's hot path.
+
+    prometheus-client's Histogram takes a lock for the sum and for the bucket and scans the
+    bounds linearly: about 1 us per observation, dozens of observations per engine step.
+    Here one thread (vLLM's event loop) is the only writer, so a child keeps plain per-bucket
+    counts found by bisection (~0.2 us). Scrapes read from other threads: a bucket list copy is
+    atomic under the GIL, so buckets and _count always agree; _sum may miss an observation that
+    is being written at that instant, which Prometheus tolerates like any scrape-time skew.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
+                 buckets: tuple[float, ...], registry: CollectorRegistry):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(float(b) for b in buckets)
+        self._children: dict[tuple[str, ...], HotPathHistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> "HotPathHistogramChild":
+        key = tuple(str(v) for v in values)
+        if len(key) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {key}")
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = HotPathHistogramChild(self.bounds)
+        return child
+
+    def describe(self):
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        bounds = [_format_bound(b) for b in self.bounds] + ["+Inf"]
+        for key, child in list(self._children.items()):
+            counts = list(child.counts)  # one atomic copy: buckets and count agree
+            cumulative, running = [], 0
+            for bound, count in zip(bounds, counts):
+                running += count
+                cumulative.append((bound, running))
+            family.add_metric(list(key), cumulative, child.sum)
+        yield family
+
+
+class HotPathHistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (le = "<=").
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+def _format_bound(bound: float) -> str:
+    return floatToGoString(bound)  # the `le` spelling prometheus-client's own histograms use

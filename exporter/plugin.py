@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from . import runtime as runtime_module
+from .alerts import prepare_alerts
 from .config import load_config
 from .vllm_compat import (
     VLLM_VERSION,
@@ -48,9 +49,12 @@ def runtime_from_environment() -> runtime_module.Runtime:
             raise ConfigError(ENV_METRICS_PORT, "metrics.port", f"must be a port number, got {port!r}")
         overrides["metrics.port"] = int(port)
     config = load_config(os.environ.get(ENV_CONFIG) or None, overrides)
+    alerts = prepare_alerts(config)  # a bad rule file stops vLLM's start with our message
     rt = runtime_module.Runtime(config, mode="plugin", vllm_version=VLLM_VERSION)
     rt.start()
     runtime_module.install(rt)
+    if alerts is not None:
+        alerts.start(rt)
     return rt
 
 

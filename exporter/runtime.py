@@ -27,6 +27,7 @@ from .gpu import GpuCollector
 from .metrics import ERROR_COMPONENTS, EngineMetrics
 from .metrics_server import MetricsServer
 from .stats import StatsRecorder
+from .web_config import load_web_config
 
 log = logging.getLogger("exporter.runtime")
 
@@ -55,6 +56,11 @@ class Runtime:
                                        mode).set(1)
         for component in ERROR_COMPONENTS:
             self.metrics.errors.labels(component)
+        for result in ("success", "failure"):  # present at 0, so increase() sees the first one
+            self.metrics.config_reloads.labels(result)
+        for reason in ("concurrency", "connections", "too_large"):
+            self.metrics.scrapes_rejected.labels(reason)
+        self.metrics.label_overflow.labels("engine")
         self.model = config.engine.served_model_name or "unknown"
         self.recorder: StatsRecorder | None = None
         self.engine: Any = None
@@ -70,14 +76,41 @@ class Runtime:
 
     # --- start-up ----------------------------------------------------------------------------
     def bind_metrics_port(self) -> None:
-        """Bind the metrics port now (raises OSError if it is taken); serve after start()."""
-        self.server = MetricsServer(self.config.metrics.host, self.config.metrics.port,
-                                    self.registry, self.metrics, self.health)
+        """Bind the metrics port and serve it at once (raises OSError if it is taken): while
+        the engine loads, /-/ready answers 503 and /metrics shows vllm_engine_up 0.
+
+        The web config file is read here (ConfigError if it is invalid), before the bind."""
+        listen = self.config.metrics
+        web_config = load_web_config(listen.web_config_file)
+        self.server = MetricsServer(listen.host, listen.port, self.registry, self.metrics,
+                                    self.health, web_config,
+                                    max_concurrent_requests=listen.max_concurrent_requests,
+                                    max_connections=listen.max_connections,
+                                    request_timeout_seconds=listen.request_timeout_seconds)
+        self.server.start()
+
+    def reload_web_config(self) -> bool:
+        """Re-read the web config file (SIGHUP). An invalid file leaves the old one active."""
+        path = self.config.metrics.web_config_file
+        if self.server is None or path is None:
+            log.info("reload requested; no web config file is configured, nothing to reload")
+            return False
+        try:
+            web_config = load_web_config(path)
+        except Exception as exc:  # ConfigError, or anything unexpected: keep serving as before
+            log.error("web config reload failed, the previous configuration stays active: %s",
+                      exc)
+            self.metrics.config_reloads.labels("failure").inc()
+            return False
+        self.server.set_web_config(web_config)
+        self.metrics.config_reloads.labels("success").inc()
+        log.info("web config reloaded from %s (TLS %s, %d basic-auth users)", path,
+                 "on" if web_config.tls else "off", len(web_config.users))
+        return True
 
     def start(self) -> None:
         if self.server is None:
             self.bind_metrics_port()
-        self.server.start()
         if self.config.gpu.enabled:
             self.gpu = GpuCollector(self.config.gpu, root_pid=os.getpid())
             self.registry.register(self.gpu)
@@ -92,7 +125,8 @@ class Runtime:
         """Called once by the stat logger vLLM constructs; binds the per-engine children."""
         self.model = model
         self.recorder = StatsRecorder(self.metrics, model, engine_indexes, reason_name,
-                                      self.config.slo.objectives)
+                                      self.config.slo.objectives,
+                                      max_engines=self.config.daemon.max_engines)
         self.metrics.engine_up.labels(model).set(0)
         return self.recorder
 
@@ -123,7 +157,7 @@ class Runtime:
         return healthy, self.engine_state == "serving", self.engine_state
 
     def mark_engine_dead(self) -> None:
-        if self.engine_state == "serving":
+        if self.engine_state in ("starting", "serving"):
             log.error("the engine died; metrics stay up with vllm_engine_up 0")
             self.engine_state = "dead"
             self.engine_died_at = time.monotonic()
@@ -143,7 +177,7 @@ class Runtime:
             self.check_idle()
 
     def check_engine_health(self) -> None:
-        if self.engine_dead is None or self.engine_state != "serving":
+        if self.engine_dead is None or self.engine_state not in ("starting", "serving"):
             return
         try:
             if self.engine_dead():

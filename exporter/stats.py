@@ -19,6 +19,10 @@ from .slo import LatencyObjective, ObjectiveCounter
 
 KNOWN_FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 OTHER = "other"
+DEFAULT_MAX_ENGINES = 64
+# Distinct finish_reason objects remembered per engine (vLLM's enum has a handful of members;
+# anything beyond this is still counted, as "other", just looked up each time).
+MAX_REASON_KEYS = 32
 
 
 class _EngineChildren:
@@ -83,14 +87,22 @@ class StatsRecorder:
                  reason_name: Callable[[Any], str] = str,
                  objectives: Iterable[LatencyObjective] = (),
                  wall_clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic):
+                 monotonic: Callable[[], float] = time.monotonic,
+                 max_engines: int = DEFAULT_MAX_ENGINES):
         self.metrics = metrics
         self.model = model
         self._objectives = tuple(objectives)
         self._reason_name = reason_name
         self._wall_clock = wall_clock
         self._monotonic = monotonic
+        # Cardinality cap: the first `max_engines` engine indexes get their own `engine` label;
+        # any further index shares one set of children labelled engine="other" (bound on first
+        # use) and each such update counts in vllm_exporter_label_overflow_total{label="engine"}.
+        # Overflowing indexes are not remembered, so this dict never exceeds max_engines entries.
+        self._max_engines = max_engines
         self._engines: dict[int, _EngineChildren] = {}
+        self._other_engine: _EngineChildren | None = None
+        self._engine_overflow = metrics.label_overflow.labels("engine")
         for index in engine_indexes:
             self._bind(index)
         # Read by the idle watchdog on another thread: plain attribute reads, no lock needed.
@@ -98,9 +110,22 @@ class StatsRecorder:
         self.state_nonzero = False
 
     def _bind(self, engine_idx: int) -> _EngineChildren:
+        """Children for an engine index not seen yet (the cold path of record())."""
+        if len(self._engines) >= self._max_engines:
+            self._engine_overflow.inc()
+            if self._other_engine is None:
+                self._other_engine = _EngineChildren(self.metrics, self.model, OTHER,
+                                                     self._objectives)
+            return self._other_engine
         children = _EngineChildren(self.metrics, self.model, str(engine_idx), self._objectives)
         self._engines[engine_idx] = children
         return children
+
+    def _all_engines(self) -> list[_EngineChildren]:
+        engines = list(self._engines.values())
+        if self._other_engine is not None:
+            engines.append(self._other_engine)
+        return engines
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, engine_idx: int = 0) -> None:
         e = self._engines.get(engine_idx) or self._bind(engine_idx)
@@ -142,7 +167,8 @@ class StatsRecorder:
         if counter is None:
             name = self._reason_name(reason)
             counter = e.finished.get(name, e.finished_other)
-            e.finished[reason] = counter  # bounded: one entry per enum member vLLM defines
+            if len(e.finished) < MAX_REASON_KEYS:  # one entry per enum member vLLM defines
+                e.finished[reason] = counter
         counter.inc()
         e.e2e.observe(request.e2e_latency)
         for objective in e.slo_e2e:
@@ -162,7 +188,7 @@ class StatsRecorder:
     def set_capacity(self, geometry: dict[str, float]) -> None:
         """KV-cache capacity gauges, per engine (every engine of one config has the same)."""
         tokens = geometry["blocks"] * geometry["block_size"]
-        for e in self._engines.values():
+        for e in self._all_engines():
             e.blocks.set(geometry["blocks"])
             e.block_size.set(geometry["block_size"])
             e.capacity_tokens.set(tokens)
@@ -171,7 +197,7 @@ class StatsRecorder:
 
     def reset_engine_state(self) -> None:
         """The engine is idle: running, waiting and KV usage are 0 whatever the last step said."""
-        for e in self._engines.values():
+        for e in self._all_engines():
             e.running.set(0)
             e.waiting.set(0)
             e.kv_usage.set(0)

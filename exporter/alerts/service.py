@@ -1,0 +1,177 @@
+"""The alerting thread: sample the registry, evaluate the rules, notify Alertmanager.
+
+Every `evaluation_interval_seconds`: read our registry into the history (only the samples the
+rules use), evaluate all rules, publish states as metrics, hand due notifications to the
+Alertmanager client. Nothing here raises into the daemon: errors are logged and counted in
+vllm_exporter_errors_total{component="alerts"}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from . import ALERT_FAMILIES
+from .alertmanager import AlertmanagerClient, SendCounters
+from .defaults import default_rule_file
+from .evaluator import FIRING, PENDING, STATE_VALUE, Evaluator
+from .history import History
+from .rules import Rule, load_rule_file, parse_rules
+
+log = logging.getLogger("exporter.alerts")
+
+DEFAULT_PACK_SOURCE = "<default rule pack>"
+
+
+def load_rules(config: Any) -> list[Rule]:
+    """The configured rule file, or the default pack with the configured thresholds."""
+    alerts = config.alerts
+    if alerts.rules_file:
+        return load_rule_file(alerts.rules_file, config.slo)
+    raw = default_rule_file(alerts.thresholds, config.slo, alerts.runbook_base_url)
+    return parse_rules(raw, config.slo,
+                       DEFAULT_PACK_SOURCE)
+
+
+def history_for(rules: list[Rule], config: Any) -> History:
+    wanted = {s.name for rule in rules for s in rule.expr.selectors()}
+    reach = max((rule.expr.max_range_seconds() for rule in rules), default=300.0)
+    a = config.alerts
+    span = reach + 2 * a.evaluation_interval_seconds
+    return History(wanted, a.evaluation_interval_seconds, min(a.fine_history_seconds, span),
+                   span, a.coarse_step_seconds)
+
+
+class AlertingService:
+    def __init__(self, config: Any, rules: list[Rule]):
+        self.config = config
+        self.rules = rules
+        self.interval = config.alerts.evaluation_interval_seconds
+        self.history = history_for(rules, config)
+        self.evaluator: Evaluator | None = None
+        self.client: AlertmanagerClient | None = None
+        self.generator_url = config.alerts.external_url
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards evaluator state against the JSON route
+        self.rt: Any = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self, rt: Any) -> None:
+        self.rt = rt
+        self._create_families(rt.registry)
+        am = self.config.alerts.alertmanager
+        self.evaluator = Evaluator(self.rules, self.history, self.interval,
+                                   resend_interval=am.resend_interval_seconds,
+                                   on_error=self._rule_failed)
+        if self.generator_url is None:
+            host = self.config.metrics.host
+            port = rt.server.port if rt.server is not None else self.config.metrics.port
+            self.generator_url = f"http://{host}:{port}"
+        self.generator_url = self.generator_url.rstrip("/") + "/alerts"
+        if am.urls:
+            self.client = AlertmanagerClient(am, SendCounters(
+                sent=lambda url, n: self.sent.labels(url).inc(n),
+                failed=lambda url, n: self.failed.labels(url).inc(n),
+                dropped=lambda url, n: self.dropped.labels(url).inc(n)))
+            for url in am.urls:
+                for family in (self.sent, self.failed, self.dropped, self.queue_length):
+                    family.labels(url)
+            self.client.start()
+        if rt.server is not None:
+            rt.server.add_route("/alerts", self.alerts_json,
+                                "alert rules and their current states (JSON)")
+        self._thread = threading.Thread(target=self._run, name="alert-evaluator", daemon=True)
+        self._thread.start()
+        log.info("evaluating %d alert rules every %gs; Alertmanager: %s", len(self.rules),
+                 self.interval, ", ".join(am.urls) or "none")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.client is not None:
+            self.client.stop(flush_seconds=1.0)
+
+    def _create_families(self, registry) -> None:
+        made = {}
+        for spec in ALERT_FAMILIES:
+            cls = Counter if spec.kind == "counter" else Gauge
+            made[spec.name] = cls(spec.client_name, spec.help, labelnames=spec.labels,
+                                  registry=registry)
+        self.rule_state = made["vllm_exporter_alert_rule_state"]
+        self.alert_count = made["vllm_exporter_alerts"]
+        self.evaluations = made["vllm_exporter_alert_evaluations_total"]
+        self.evaluation_seconds = made["vllm_exporter_alert_evaluation_seconds_total"]
+        self.rule_failures = made["vllm_exporter_alert_evaluation_failures_total"]
+        self.history_series = made["vllm_exporter_alert_history_series"]
+        self.sent = made["vllm_exporter_alert_notifications_sent_total"]
+        self.failed = made["vllm_exporter_alert_notifications_failed_total"]
+        self.dropped = made["vllm_exporter_alert_notifications_dropped_total"]
+        self.queue_length = made["vllm_exporter_alert_queue_length"]
+        for rule in self.rules:
+            self.rule_state.labels(rule.alert, rule.severity).set(0)
+            for state in (PENDING, FIRING):
+                self.alert_count.labels(rule.alert, state).set(0)
+
+    # --- the loop --------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_tick = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.tick(time.time())
+            except Exception:
+                log.exception("alert evaluation tick failed")
+                self.rt.metrics.errors.labels("alerts").inc()
+            next_tick += self.interval
+            delay = next_tick - time.monotonic()
+            if delay < 0:  # fell behind (a slow tick): skip, do not burst
+                next_tick, delay = time.monotonic(), 0
+            self._stop.wait(delay)
+
+    def tick(self, now: float) -> None:
+        started = time.perf_counter()
+        self.history.add_registry(now, self.rt.registry)
+        with self._lock:
+            self.evaluator.evaluate(now)
+            due = self.evaluator.due_notifications(now, self.generator_url)
+            self._publish_states()
+        if self.client is not None:
+            self.client.enqueue(due)
+            for url in self.client.queues:
+                self.queue_length.labels(url).set(self.client.queue_length(url))
+        self.history_series.set(self.history.series_count())
+        self.evaluations.inc()
+        self.evaluation_seconds.inc(time.perf_counter() - started)
+
+    def _publish_states(self) -> None:
+        for state in self.evaluator.rules:
+            rule = state.rule
+            self.rule_state.labels(rule.alert, rule.severity).set(STATE_VALUE[state.state()])
+            for name in (PENDING, FIRING):
+                count = sum(1 for a in state.alerts.values() if a.state == name)
+                self.alert_count.labels(rule.alert, name).set(count)
+
+    def _rule_failed(self, rule: Rule, exc: Exception) -> None:
+        self.rule_failures.labels(rule.alert).inc()
+        self.rt.metrics.errors.labels("alerts").inc()
+
+    # --- JSON ------------------------------------------------------------------------------
+    def alerts_json(self) -> tuple[int, str, bytes]:
+        with self._lock:
+            rules = self.evaluator.snapshot() if self.evaluator else []
+            last = self.evaluator.last_eval if self.evaluator else None
+        body = {
+            "evaluation_interval_seconds": self.interval,
+            "last_evaluation": last,
+            "rules": rules,
+            "alertmanagers": [
+                {"url": url, "queue_length": self.client.queue_length(url)}
+                for url in (self.client.queues if self.client else [])],
+        }
+        return 200, "application/json", json.dumps(body, indent=1).encode()

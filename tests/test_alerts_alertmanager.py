@@ -1,0 +1,238 @@
+"""The Alertmanager client against a real `prometheus-alertmanager` and a webhook receiver."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from alerting_fixtures import make_alertmanager, needs_alertmanager, webhook  # noqa: F401
+from exporter.alerts.alertmanager import AlertmanagerClient, SendCounters
+from exporter.alerts.config import AlertmanagerConfig
+from helpers import free_port, wait_for
+
+
+def _alert(name: str, resolved: bool = False, **labels) -> dict:
+    now = datetime.now(timezone.utc)
+    start = now - timedelta(minutes=1)
+    end = now if resolved else now + timedelta(minutes=5)
+    return {"labels": {"alertname": name, "severity": "warning", **labels},
+            "annotations": {"summary": f"{name} test"},
+            "startsAt": start.isoformat(), "endsAt": end.isoformat(),
+            "generatorURL": "http://127.0.0.1:9410/alerts"}
+
+
+class Counts:
+    def __init__(self):
+        self.sent = self.failed = self.dropped = 0
+
+    def counters(self) -> SendCounters:
+        def add(attr):
+            return lambda url, n: setattr(self, attr, getattr(self, attr) + n)
+        return SendCounters(add("sent"), add("failed"), add("dropped"))
+
+
+def _client(urls, counts: Counts, **kw) -> AlertmanagerClient:
+    config = AlertmanagerConfig(urls=urls, retry_initial_seconds=0.1, retry_max_seconds=0.5,
+                                timeout_seconds=2, **kw)
+    client = AlertmanagerClient(config, counts.counters())
+    client.start()
+    return client
+
+
+@needs_alertmanager
+def test_firing_and_resolution_reach_the_webhook(tmp_path, webhook):
+    am = make_alertmanager(tmp_path, webhook.url).start()
+    counts = Counts()
+    client = _client([am.url], counts)
+    try:
+        client.enqueue([_alert("ClientFiring", model="m")])
+        firing = webhook.wait("ClientFiring", "firing")
+        assert firing[0]["labels"]["model"] == "m"
+        assert firing[0]["generatorURL"] == "http://127.0.0.1:9410/alerts"
+        client.enqueue([_alert("ClientFiring", resolved=True, model="m")])
+        webhook.wait("ClientFiring", "resolved")
+        assert counts.sent == 2 and counts.failed == 0 and counts.dropped == 0
+    finally:
+        client.stop()
+        am.stop()
+
+
+@needs_alertmanager
+def test_alertmanager_down_during_firing_then_started(tmp_path, webhook):
+    port = free_port()
+    am = make_alertmanager(tmp_path, webhook.url, port=port)
+    counts = Counts()
+    client = _client([am.url], counts)
+    try:
+        client.enqueue([_alert("WhileDown")])
+        wait_for(lambda: counts.failed >= 2, 10, what="failed attempts while down")
+        assert client.queue_length(am.url) == 1  # kept for later
+        am.start()
+        webhook.wait("WhileDown", "firing")
+        wait_for(lambda: client.queue_length(am.url) == 0, 5, what="queue drained")
+        assert counts.sent == 1 and counts.dropped == 0
+    finally:
+        client.stop()
+        am.stop()
+
+
+@needs_alertmanager
+def test_queue_never_exceeds_its_bound_and_newest_survive(tmp_path, webhook):
+    port = free_port()
+    am = make_alertmanager(tmp_path, webhook.url, port=port)
+    counts = Counts()
+    client = _client([am.url], counts, queue_size=10)
+    try:
+        for i in range(50):
+            client.enqueue([_alert("Bounded", series=str(i))])
+            assert client.queue_length(am.url) <= 10
+        # a newer state of a queued alert replaces it instead of taking another slot
+        newer = _alert("Bounded", series="49")
+        newer["annotations"]["summary"] = "newer"
+        client.enqueue([newer])
+        assert client.queues[am.url].max_seen == 10
+        assert counts.dropped == 40
+        am.start()
+        wait_for(lambda: len({a["labels"]["series"] for a in webhook.alerts("Bounded")}) == 10,
+                 30, what="the 10 newest alerts at the webhook")
+        delivered = {a["labels"]["series"]: a for a in webhook.alerts("Bounded")}
+        assert set(delivered) == {str(i) for i in range(40, 50)}
+        assert delivered["49"]["annotations"]["summary"] == "newer"
+    finally:
+        client.stop()
+        am.stop()
+
+
+@needs_alertmanager
+def test_every_alertmanager_gets_every_alert(tmp_path, webhook):
+    first = make_alertmanager(tmp_path, webhook.url, name="am1").start()
+    second = make_alertmanager(tmp_path, webhook.url, name="am2").start()
+    counts = Counts()
+    client = _client([first.url, second.url], counts)
+    try:
+        client.enqueue([_alert("Twice")])
+        wait_for(lambda: counts.sent == 2, 10, what="both Alertmanagers sent to")
+    finally:
+        client.stop()
+        first.stop()
+        second.stop()
+
+
+class _RecordingServer:
+    """A stand-in Alertmanager that records requests and answers with a fixed status."""
+
+    def __init__(self, status: int = 200):
+        self.requests: list[tuple[dict, object]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                owner.requests.append((dict(self.headers), json.loads(body)))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("auth", ["basic", "bearer"])
+def test_auth_headers_are_sent(tmp_path, auth):
+    server = _RecordingServer()
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    kw = ({"basic_auth_username": "alice", "basic_auth_password_file": str(secret)}
+          if auth == "basic" else {"bearer_token_file": str(secret)})
+    client = _client([server.url], Counts(), **kw)
+    try:
+        client.enqueue([_alert("Auth")])
+        wait_for(lambda: server.requests, 5, what="a request")
+        headers, body = server.requests[0]
+        expected = ("Basic " + base64.b64encode(b"alice:s3cret").decode() if auth == "basic"
+                    else "Bearer s3cret")
+        assert headers["Authorization"] == expected
+        assert isinstance(body, list) and body[0]["labels"]["alertname"] == "Auth"
+    finally:
+        client.stop()
+        server.close()
+
+
+def test_a_rejected_payload_is_dropped_not_retried_forever():
+    server = _RecordingServer(status=400)
+    counts = Counts()
+    client = _client([server.url], counts)
+    try:
+        client.enqueue([_alert("Rejected")])
+        wait_for(lambda: counts.dropped == 1, 5, what="the rejected alert dropped")
+        time.sleep(0.5)
+        assert len(server.requests) == 1 and client.queue_length(server.url) == 0
+    finally:
+        client.stop()
+        server.close()
+
+
+@needs_alertmanager
+def test_daemon_service_alert_survives_alertmanager_down_then_resolves(tmp_path, webhook):
+    """The whole in-daemon path without an engine: our registry -> evaluator -> client ->
+    a real Alertmanager that starts only after the alert fired -> webhook; then resolution."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from exporter.alerts.rules import parse_rules
+    from exporter.alerts.service import AlertingService
+    from exporter.config import load_config
+    from exporter.metrics import EngineMetrics
+    from exporter.slo import SloConfig
+
+    am = make_alertmanager(tmp_path, webhook.url, port=free_port())
+    config = load_config(None)
+    config.alerts.evaluation_interval_seconds = 0.2
+    config.alerts.alertmanager = AlertmanagerConfig(urls=[am.url], retry_initial_seconds=0.1,
+                                                    retry_max_seconds=0.5,
+                                                    resend_interval_seconds=1)
+    rule = {"alert": "ServiceWaiting", "kind": "threshold",
+            "signal": {"gauge": "vllm_requests_waiting"}, "above": 3, "for": "0s",
+            "severity": "warning",
+            "annotations": {"summary": "{{ $value }} waiting", "description": "d",
+                            "runbook_url": "http://x/#w"}}
+    registry = CollectorRegistry()
+    metrics = EngineMetrics(registry)
+    server = SimpleNamespace(port=9410, add_route=lambda *a: None)
+    rt = SimpleNamespace(registry=registry, metrics=metrics, server=server, config=config,
+                         model="m")
+    service = AlertingService(config, parse_rules({"rules": [rule]}, SloConfig(), "t"))
+    service.start(rt)
+    try:
+        metrics.requests_waiting.labels("m", "0").set(7)
+        wait_for(lambda: (registry.get_sample_value(
+            "vllm_exporter_alert_notifications_failed_total", {"alertmanager": am.url}) or 0) >= 1,
+            10, what="sends failing while Alertmanager is down")
+        am.start()
+        firing = webhook.wait("ServiceWaiting", "firing")
+        assert firing[0]["annotations"]["summary"] == "7 waiting"
+        assert firing[0]["generatorURL"] == "http://127.0.0.1:9410/alerts"
+        metrics.requests_waiting.labels("m", "0").set(0)
+        webhook.wait("ServiceWaiting", "resolved")
+        assert registry.get_sample_value("vllm_exporter_alert_notifications_dropped_total",
+                                         {"alertmanager": am.url}) == 0
+        assert registry.get_sample_value("vllm_exporter_alert_queue_length",
+                                         {"alertmanager": am.url}) <= 1
+    finally:
+        service.stop()
+        am.stop()

@@ -1,0 +1,105 @@
+"""Names are contracts: metric families follow the conventions, match what the code registers,
+and every metric, config key and flag is documented."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from exporter.cli import build_parser
+from exporter.config import Config, load_config
+from exporter.docs import all_families, metrics_markdown
+from exporter.metrics import FAMILIES
+from exporter.runtime import Runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+FORBIDDEN_LABELS = {"request_id", "prompt", "user", "text", "id", "trace_id"}
+
+
+@pytest.mark.parametrize("family", all_families(), ids=lambda f: f.name)
+def test_family_follows_prometheus_conventions(family):
+    assert re.fullmatch(r"[a-z][a-z0-9_]*", family.name), "lower-case, no colons"
+    assert family.name.startswith(("vllm_", "gpu_")), "our namespaces"
+    assert family.kind in ("counter", "gauge", "histogram", "info")
+    if family.kind == "counter":
+        assert family.name.endswith("_total")
+    else:
+        assert not family.name.endswith("_total")
+    assert (family.kind == "info") == family.name.endswith("_info")
+    assert not re.search(r"_(ms|milliseconds|kb|mb|gb|percent|mhz)(_|$)", family.name), \
+        "base units only (seconds, bytes, ratio, hertz)"
+    assert not FORBIDDEN_LABELS & set(family.labels), "labels must be bounded"
+    assert family.help and (family.help[0].isupper() or family.help[0].isdigit())
+
+
+def test_names_are_unique():
+    names = [f.name for f in all_families()]
+    assert len(names) == len(set(names))
+
+
+def test_registered_engine_families_match_the_specs():
+    rt = Runtime(load_config(None, {"gpu.enabled": False}), mode="daemon")
+    rt.attach_stat_logger("m", [0])
+    try:
+        exposed = {family.name: family for family in rt.registry.collect()}
+        for spec in FAMILIES:
+            base = spec.client_name if spec.kind in ("counter",) else spec.name
+            assert base in exposed, f"{spec.name} is specified but not registered"
+            assert exposed[base].type == {"info": "gauge"}.get(spec.kind, spec.kind)
+            assert exposed[base].documentation == spec.help
+            for sample in exposed[base].samples:
+                labels = set(sample.labels) - {"le"}
+                assert labels == set(spec.labels), (spec.name, labels)
+        text = generate_latest(rt.registry).decode()
+        assert ":" not in "".join(line.split("{")[0] for line in text.splitlines()
+                                  if not line.startswith("#"))
+    finally:
+        rt.stop()
+
+
+def test_metrics_reference_is_generated_from_the_code():
+    committed = (DOCS / "metrics.md").read_text()
+    assert committed == metrics_markdown(), \
+        "docs/metrics.md is stale: run vllm-exporter docs metrics --out docs/metrics.md"
+
+
+def _config_paths(cls: type, prefix: str = "") -> list[str]:
+    paths = []
+    for field in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[field.name]
+        path = prefix + field.name
+        if dataclasses.is_dataclass(hint):
+            paths += _config_paths(hint, path + ".")
+        else:
+            paths.append(path)
+    return paths
+
+
+def test_every_config_key_is_documented():
+    docs = {"gpu": (DOCS / "gpu.md").read_text(), "alerts": (DOCS / "alerts.md").read_text()}
+    general = (DOCS / "configuration.md").read_text()
+    missing = []
+    for path in _config_paths(Config):
+        section, _, rest = path.partition(".")
+        if section in docs:
+            leaf = rest.split(".")[-1]
+            if f"`{leaf}`" not in docs[section] and f"`{rest}`" not in docs[section]:
+                missing.append(path)
+        elif f"`{path}`" not in general and f"`{path.split('.')[-1]}`" not in general:
+            missing.append(path)
+    assert not missing, f"undocumented config keys: {missing}"
+
+
+def test_every_serve_flag_is_documented():
+    general = (DOCS / "configuration.md").read_text()
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = [option for action in serve._actions for option in action.option_strings
+             if option.startswith("--") and option != "--help"]
+    missing = [flag for flag in flags if flag not in general]
+    assert not missing, f"undocumented flags: {missing}"
