@@ -98,6 +98,14 @@ def paused(processes: list[subprocess.Popen]):
             os.killpg(process.pid, signal.SIGCONT)
 
 
+def scrape_render_seconds(url: str) -> float:
+    from helpers import scrape
+
+    samples = scrape(url)
+    count = samples.get("vllm_exporter_scrape_duration_seconds_count")
+    return samples.get("vllm_exporter_scrape_duration_seconds_sum") / count if count else 0.0
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -164,9 +172,14 @@ def main() -> None:
         medians = {}
         for name, values in results.items():
             medians[name] = statistics.median(values)
-            print(f"{name:<26}{medians[name]:>14.1f}{min(values):>10.1f}{max(values):>10.1f}")
+            print(f"{name:<26}{medians[name]:>14.1f}{min(values):>10.1f}{max(values):>10.1f}"
+                  f"   reps: {' '.join(f'{v:.0f}' for v in values)}")
         ratio = medians["vllm-exporter daemon"] / medians["vLLM server, no plugin"]
-        print(f"throughput ratio daemon/vLLM: {ratio:.3f} (target >= 0.98)")
+        pairs = [a / b for a, b in zip(*results.values())]
+        print(f"throughput ratio daemon/vLLM: {ratio:.3f} (target >= 0.98); per-rep pair ratios: "
+              f"{' '.join(f'{r:.2f}' for r in pairs)}")
+        render = scrape_render_seconds(f"http://127.0.0.1:{ours_metrics}/metrics")
+        print(f"our render time (vllm_exporter_scrape_duration_seconds mean): {render * 1e3:.2f} ms")
         print(f"{'scrape (under load)':<26}{'n':>6}{'p50 ms':>10}{'p99 ms':>10}")
         for name, values in scraper.times.items():
             print(f"{name:<26}{len(values):>6}{percentile(values, 0.5):>10.2f}"
