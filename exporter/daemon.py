@@ -71,7 +71,7 @@ def _flag(name: str, value: Any) -> list[str]:
         return [flag]
     if value is False:
         return ["--no-" + name.replace("_", "-")]
-    if isinstance(value, (dict,)):
+    if isinstance(value, dict):
         return [flag, json.dumps(value)]
     if isinstance(value, (list, tuple)):
         return [flag, *map(str, value)]

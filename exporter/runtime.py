@@ -63,9 +63,7 @@ class Runtime:
         self.metrics.label_overflow.labels("engine")
         self.model = config.engine.served_model_name or "unknown"
         self.recorder: StatsRecorder | None = None
-        self.engine: Any = None
         self.engine_state = "starting"
-        self.engine_died_at: float | None = None
         self.unfinished_requests: Callable[[], int] | None = None
         self.engine_dead: Callable[[], bool] | None = None
         self.server: MetricsServer | None = None
@@ -160,7 +158,6 @@ class Runtime:
         if self.engine_state in ("starting", "serving"):
             log.error("the engine died; metrics stay up with vllm_engine_up 0")
             self.engine_state = "dead"
-            self.engine_died_at = time.monotonic()
             self.metrics.engine_up.labels(self.model).set(0)
 
     def mark_stopping(self) -> None:
