@@ -181,20 +181,27 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
 
 
+def read_yaml_file(path: str | os.PathLike, what: str) -> Any:
+    """A YAML file's content (config, rule or web config file); a file that cannot be read or
+    parsed raises ConfigError naming it."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(source, "-", f"cannot read the {what}: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, "-", f"not valid YAML: {exc}") from None
+
+
 def load_config(path: str | os.PathLike | None = None,
                 overrides: dict[str, Any] | None = None) -> Config:
     """Build the config from a YAML file (optional) and dotted-key overrides (flags win)."""
     raw: dict[str, Any] = {}
     source = str(path) if path else "<defaults>"
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(source, "-", f"cannot read the file: {exc.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(source, "-", f"not valid YAML: {exc}") from None
+        loaded = read_yaml_file(path, "file")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -42,9 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from .config import ConfigError
+from .config import ConfigError, read_yaml_file
 
 TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -150,15 +149,7 @@ def load_web_config(path: str | Path | None) -> WebConfig:
     if path is None:
         return WebConfig()
     source = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(source, "-", f"cannot read the web config file: "
-                                       f"{exc.strerror or exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, "-", f"not valid YAML: {exc}") from None
+    raw = read_yaml_file(path, "web config file")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from .. import config as exporter_config  # module import: exporter.config imports this package
 from ..metrics import FAMILIES, FamilySpec
@@ -105,16 +104,8 @@ def _error(source: str, field_path: str, problem: str) -> Exception:
 
 
 def load_rule_file(path: str | Path, slo: SloConfig) -> list[Rule]:
-    source = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise _error(source, "-", f"cannot read the rule file: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise _error(source, "-", f"not valid YAML: {exc}") from None
-    return parse_rules(raw, slo, source)
+    raw = exporter_config.read_yaml_file(path, "rule file")
+    return parse_rules(raw, slo, str(path))
 
 
 def parse_rules(raw: Any, slo: SloConfig, source: str) -> list[Rule]:
