@@ -26,7 +26,7 @@ import yaml
 from exporter.alerts.evaluator import Evaluator
 from exporter.alerts.history import History
 from exporter.alerts.rules import Rule, parse_duration
-from helpers import free_port, http_get, wait_for
+from helpers import BackgroundLoad, free_port, http_get, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMTOOL = shutil.which("promtool")
@@ -390,7 +390,7 @@ def alerting(tmp_path_factory):
     receiver.close()
 
 
-class Saturation:
+class Saturation(BackgroundLoad):
     """Far more concurrent long requests than the engine's max_num_seqs, until stopped.
 
     Lengths differ per worker so requests finish at different steps: the queue stays long
@@ -404,28 +404,6 @@ class Saturation:
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def start(self) -> "Saturation":
-        import asyncio
-
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(120)
-
-    async def _main(self) -> None:
-        import asyncio
-
-        import openai
-
-        client = openai.AsyncOpenAI(base_url=self.api_url + "/v1", api_key="unused",
-                                    max_retries=0, timeout=120)
-        await asyncio.gather(*(self._worker(client, i) for i in range(self.concurrency)))
-        await client.close()
 
     async def _worker(self, client, index: int) -> None:
         import asyncio

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
-from helpers import free_port, http_get, wait_for
+from helpers import BackgroundLoad, free_port, http_get, wait_for
 
 PROMETHEUS = shutil.which("prometheus")
 
@@ -169,7 +169,7 @@ PROMPTS = ("The quick brown fox jumps over the lazy dog", "Tell me a story about
 
 
 @dataclass
-class Load:
+class Load(BackgroundLoad):
     """Keeps `concurrency` workers sending completions (plain, streamed, and streams the client
     drops after the first chunk) until stopped; counts what finished and what was aborted."""
 
@@ -181,24 +181,6 @@ class Load:
     errors: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-
-    def start(self) -> "Load":
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(120)
-
-    async def _main(self) -> None:
-        import openai
-
-        client = openai.AsyncOpenAI(base_url=self.api_url + "/v1", api_key="unused",
-                                    max_retries=0, timeout=120)
-        await asyncio.gather(*(self._worker(client, i) for i in range(self.concurrency)))
-        await client.close()
 
     async def _worker(self, client, index: int) -> None:
         n = 0

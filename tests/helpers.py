@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -62,3 +64,32 @@ def scrape(metrics_url: str) -> Samples:
     status, body, _ = http_get(metrics_url)
     assert status == 200, f"GET {metrics_url} -> {status}"
     return Samples(body.decode())
+
+
+class BackgroundLoad:
+    """Workers sending completions to the daemon from a thread of their own until stop().
+
+    Subclasses set `api_url`, `concurrency`, `_stop` (a threading.Event) and `_thread`, and
+    write `_worker(client, index)`; this class owns the thread and the openai client.
+    """
+
+    def start(self):
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(120)
+
+    async def _main(self) -> None:
+        import openai
+
+        client = openai.AsyncOpenAI(base_url=self.api_url + "/v1", api_key="unused",
+                                    max_retries=0, timeout=120)
+        await asyncio.gather(*(self._worker(client, i) for i in range(self.concurrency)))
+        await client.close()
+
+    async def _worker(self, client, index: int) -> None:
+        raise NotImplementedError

@@ -135,23 +135,16 @@ def test_serve_with_missing_model_and_bad_flag(tmp_path):
     assert code == 2 and "--max-model-len" in output
 
 
-def test_serve_with_metrics_port_in_use_exits_2_before_the_engine():
+@pytest.mark.parametrize("taken_flag, free_flag, field", [
+    ("--metrics-port", "--port", "metrics.port"),
+    ("--port", "--metrics-port", "api.port"),
+])
+def test_serve_with_a_port_in_use_exits_2_before_the_engine(taken_flag, free_flag, field):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, output, seconds = _serve(["--metrics-port", str(port), "--port", "0"])
+        code, output, _ = _serve([taken_flag, str(port), free_flag, "0"])
     assert code == 2, output
-    assert "metrics.port" in output and str(port) in output
-    assert "EngineCore" not in output
-
-
-def test_serve_with_api_port_in_use_exits_2_before_the_engine():
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        code, output, _ = _serve(["--port", str(port), "--metrics-port", "0"])
-    assert code == 2, output
-    assert "api.port" in output and str(port) in output
+    assert field in output and str(port) in output
     assert "EngineCore" not in output
