@@ -71,6 +71,30 @@ async def workload(api_url: str, model: str, requests: int, concurrency: int,
         return tokens / (time.perf_counter() - started)
 
 
+class Workers:
+    """`count` threads, each running `self._run(index)` until the `with` block ends."""
+
+    join_seconds = 30.0
+
+    def __init__(self, count: int):
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(index,), daemon=True)
+                         for index in range(count)]
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.join_seconds)
+
+    def _run(self, index: int) -> None:
+        raise NotImplementedError
+
+
 class Scraper(threading.Thread):
     def __init__(self, urls: dict[str, str]):
         super().__init__(daemon=True)

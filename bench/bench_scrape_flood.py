@@ -5,7 +5,8 @@ deployment (TLS + basic auth; `--plain` for neither). The same completion worklo
 scraper and with the flood, interleaved, `--reps` times. Printed: median output tokens/s of each
 and their ratio, failed inference requests, and the flood's status counts (200 and 503 only are
 expected; anything else, or a connection error, is listed), with the daemon's own
-vllm_exporter_scrapes_rejected_total at the end.
+vllm_exporter_scrapes_rejected_total at the end. The stated bound: the flooded median throughput
+is at least `--bound` (0.9) x the unflooded one.
 
     VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python bench/bench_scrape_flood.py [--reps 3]
 """
@@ -15,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import datetime
-import ipaddress
 import os
 import ssl
 import statistics
@@ -27,7 +26,6 @@ import threading
 import time
 from pathlib import Path
 
-import bcrypt
 import httpx
 import yaml
 
@@ -35,44 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench_overhead import percentile, start  # noqa: E402
+from bench_overhead import Workers, percentile, start  # noqa: E402
 from helpers import Samples, free_port  # noqa: E402
+from pki import make_pki, write_web_config  # noqa: E402
 
 USER, PASSWORD = "prometheus", "flood-test"
-
-
-def make_tls(tmp: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1: (ca, cert, key) PEM paths."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def cert(subject: str, key, issuer, issuer_key, ca: bool):
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-                   .issuer_name(issuer).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
-    ca = cert("bench CA", ca_key, ca_name, ca_key, ca=True)
-    server = cert("127.0.0.1", key, ca_name, ca_key, ca=False)
-    pem = serialization.Encoding.PEM
-    (tmp / "ca.crt").write_bytes(ca.public_bytes(pem))
-    (tmp / "server.crt").write_bytes(server.public_bytes(pem))
-    (tmp / "server.key").write_bytes(key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return tmp / "ca.crt", tmp / "server.crt", tmp / "server.key"
 
 
 async def workload(api_url: str, model: str, requests: int, concurrency: int,
@@ -98,7 +63,7 @@ async def workload(api_url: str, model: str, requests: int, concurrency: int,
         return tokens / (time.perf_counter() - started), failures
 
 
-class Flood:
+class Flood(Workers):
     """`clients` threads, each with its own keep-alive client, GET /metrics every `period` s."""
 
     def __init__(self, url: str, clients: int, period: float, verify, auth):
@@ -108,20 +73,9 @@ class Flood:
         self.errors: collections.Counter = collections.Counter()
         self.latencies_ms: list[float] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        super().__init__(clients)
 
-    def __enter__(self) -> "Flood":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
         with httpx.Client(verify=self.verify, auth=self.auth, timeout=10) as client:
             next_at = time.monotonic()
             while not self._stop.is_set():
@@ -148,6 +102,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--period", type=float, default=0.1, help="seconds between scrapes")
     parser.add_argument("--plain", action="store_true", help="no TLS, no basic auth")
+    parser.add_argument("--bound", type=float, default=0.9,
+                        help="the stated bound: flooded median throughput >= this x unflooded")
     args = parser.parse_args()
 
     from exporter.default_model import SERVED_NAME
@@ -157,14 +113,11 @@ def main() -> None:
     metrics: dict = {"port": metrics_port}
     verify, auth, scheme = True, None, "http"
     if not args.plain:
-        ca, cert, key = make_tls(tmp)
-        (tmp / "web.yml").write_text(yaml.safe_dump({
-            "tls_server_config": {"cert_file": str(cert), "key_file": str(key)},
-            "basic_auth_users": {USER: bcrypt.hashpw(PASSWORD.encode(),
-                                                     bcrypt.gensalt(10)).decode()}}))
+        pki = make_pki(tmp)
+        write_web_config(tmp / "web.yml", pki, {USER: PASSWORD}, rounds=10)
         metrics["web_config_file"] = str(tmp / "web.yml")
-        verify, auth, scheme = (ssl.create_default_context(cafile=str(ca)), (USER, PASSWORD),
-                                "https")
+        verify, auth, scheme = (ssl.create_default_context(cafile=str(pki.ca)),
+                                (USER, PASSWORD), "https")
     (tmp / "daemon.yaml").write_text(yaml.safe_dump({
         "engine": {"max_model_len": 512}, "api": {"port": api_port}, "metrics": metrics,
         "gpu": {"enabled": False}}))
@@ -209,7 +162,9 @@ def main() -> None:
             print(f"{kind:<12}{statistics.median(values):>14.1f}{min(values):>10.1f}"
                   f"{max(values):>10.1f}   " + " ".join(f"{v:.0f}" for v in values))
         ratio = statistics.median(results["flooded"]) / statistics.median(results["unflooded"])
-        print(f"throughput ratio flooded/unflooded: {ratio:.3f}")
+        verdict = "within" if ratio >= args.bound else "BELOW"
+        print(f"throughput ratio flooded/unflooded: {ratio:.3f} ({verdict} the stated bound "
+              f"{args.bound:g})")
         print(f"failed inference requests: {len(failures)}"
               + (f" (first: {failures[0]})" if failures else ""))
         print(f"flood responses by status: {dict(sorted(statuses.items()))}; "

@@ -128,11 +128,16 @@ class DaemonConfig:
     log_level: str = "INFO"
     # Distinct engine indexes that get their own `engine` label; more fold into engine="other".
     max_engines: int = 64
+    # LoRA adapter names that get their own `adapter` label at once. When the table is full, a
+    # new name takes the place of the adapter idle for longest (its series go); with every
+    # known adapter busy, it folds into adapter="other".
+    max_lora_adapters: int = 64
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
-        if self.max_engines < 1:
-            out.append(("max_engines", f"must be >= 1, got {self.max_engines}"))
+        for name in ("max_engines", "max_lora_adapters"):
+            if getattr(self, name) < 1:
+                out.append((name, f"must be >= 1, got {getattr(self, name)}"))
         for name in ("idle_timeout_seconds", "check_interval_seconds"):
             if getattr(self, name) <= 0:
                 out.append((name, f"must be > 0, got {getattr(self, name)}"))

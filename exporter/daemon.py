@@ -105,6 +105,7 @@ def serve(config: Config, alerts: Any = None) -> int:
         rt.stop()
         raise
     rt.model = config.engine.served_model_name
+    rt.set_engine_state("starting")
     rt.start()
     runtime_module.install(rt)
     if alerts is not None:
@@ -112,7 +113,7 @@ def serve(config: Config, alerts: Any = None) -> int:
     try:
         from .plugin import ExporterStatLogger
 
-        return asyncio.run(_run(rt, args, listen_address, sock, ExporterStatLogger))
+        return asyncio.run(_run(rt, args, listen_address, sock, ExporterStatLogger, alerts))
     except KeyboardInterrupt:
         log.info("interrupted during start-up")
         return EXIT_OK
@@ -212,7 +213,8 @@ def _prepare_engine_args(config: Config):
     return listen_address, sock, args
 
 
-async def _run(rt: runtime_module.Runtime, args, listen_address: str, sock, stat_logger) -> int:
+async def _run(rt: runtime_module.Runtime, args, listen_address: str, sock, stat_logger,
+               alerts: Any = None) -> int:
     from . import vllm_compat
 
     # Until vLLM's server installs its own handlers, a SIGTERM interrupts the engine start.
@@ -238,7 +240,14 @@ async def _run(rt: runtime_module.Runtime, args, listen_address: str, sock, stat
         engine.shutdown()
     if rt.engine_state == "dead":
         delay = rt.config.daemon.exit_delay_seconds
+        exit_at = asyncio.get_running_loop().time() + delay
         log.error("engine died; exiting with code %d in %.0f s", EXIT_ENGINE_DIED, delay)
-        await asyncio.sleep(delay)
+        if alerts is not None and alerts.client is not None:
+            # The engine-died alert must leave before the process does (docs/operations.md).
+            if await asyncio.to_thread(alerts.deliver_now, delay):
+                log.info("alerts delivered to Alertmanager before exit")
+            else:
+                log.error("alerts not delivered to every Alertmanager within %.0f s", delay)
+        await asyncio.sleep(max(0.0, exit_at - asyncio.get_running_loop().time()))
         return EXIT_ENGINE_DIED
     return EXIT_OK

@@ -195,6 +195,9 @@ class GpuConfig:
     event_wait_ms: int = 500
     # Enumerate MIG instances on GPUs where MIG is enabled.
     mig: bool = True
+    # Cardinality cap: GPUs read per host, by NVML index; any beyond are left out, logged and
+    # counted in vllm_exporter_label_overflow_total{label="gpu"} (each time NVML starts).
+    max_devices: int = 64
     # Which GPUs the engine uses; None: the daemon's own CUDA_VISIBLE_DEVICES (unset: all).
     cuda_visible_devices: str | None = None
     # NVML init is retried after failures and lost GPUs: first after this long, doubling ...
@@ -211,6 +214,8 @@ class GpuConfig:
             out.append(("slow_interval_seconds",
                         f"must be >= interval_seconds ({self.interval_seconds}), "
                         f"got {self.slow_interval_seconds}"))
+        if self.max_devices < 1:
+            out.append(("max_devices", f"must be >= 1, got {self.max_devices}"))
         if not 10 <= self.event_wait_ms <= 60_000:
             out.append(("event_wait_ms", f"must be 10-60000, got {self.event_wait_ms}"))
         if self.retry_initial_seconds > 0 and self.retry_max_seconds < self.retry_initial_seconds:
@@ -378,6 +383,7 @@ class _NvmlSession:
         self.nvml = nvml
         self.devices: list[_Device] = []
         self.missing_indices: list[int] = []  # indices NVML counts but cannot open (lost)
+        self.left_out = 0  # GPUs beyond the max_devices cap
         self._on_error = on_error
         self._unsupported_errors = _error_classes(nvml, "NotSupported", "FunctionNotFound")
         self._lost_errors = _error_classes(nvml, "GpuIsLost", "ResetRequired")
@@ -407,10 +413,11 @@ class _NvmlSession:
             self._on_error(call, exc)
             raise _Unavailable(call) from None
 
-    def enumerate_devices(self, with_mig: bool) -> None:
+    def enumerate_devices(self, with_mig: bool, max_devices: int) -> None:
         nvml = self.nvml
         count = self.call(None, "nvmlDeviceGetCount", nvml.nvmlDeviceGetCount)
-        for index in range(count):
+        self.left_out = max(0, count - max_devices)
+        for index in range(count - self.left_out):
             try:
                 handle = self.call(None, "nvmlDeviceGetHandleByIndex",
                                    nvml.nvmlDeviceGetHandleByIndex, index)
@@ -705,8 +712,10 @@ class GpuCollector:
     """prometheus_client custom collector fed by an NVML sampler thread."""
 
     def __init__(self, config: GpuConfig, root_pid: int, nvml: Any = None, *,
-                 proc_root: str = "/proc", clock: Callable[[], float] = time.monotonic):
+                 proc_root: str = "/proc", clock: Callable[[], float] = time.monotonic,
+                 on_label_overflow: Callable[[int], None] = lambda n: None):
         self.config = config
+        self._on_label_overflow = on_label_overflow
         self.engine_processes = EngineProcesses(root_pid, proc_root)
         self._nvml_module = nvml
         self._clock = clock
@@ -909,7 +918,7 @@ class GpuCollector:
             return
         session = _NvmlSession(nvml, self._count_error)
         try:
-            session.enumerate_devices(self.config.mig)
+            session.enumerate_devices(self.config.mig, self.config.max_devices)
         except (_Unavailable, _DeviceLost, _SessionLost):
             session.shutdown()
             self._schedule_retry(now, "nvmlDeviceGetCount failed")
@@ -918,6 +927,10 @@ class GpuCollector:
             session.shutdown()
             self._schedule_retry(now, "NVML found no GPU")
             return
+        if session.left_out:
+            log.warning("reading the first %d GPUs only (gpu.max_devices); %d left out",
+                        self.config.max_devices, session.left_out)
+            self._on_label_overflow(session.left_out)
         self._session = session
         self._visible = self._map_visible(session)
         for dev in session.devices:

@@ -83,6 +83,18 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("vllm_requests_waiting", "gauge",
                "Requests waiting to be scheduled, deferred ones included.",
                source="SchedulerStats.num_waiting_reqs + num_skipped_waiting_reqs"),
+    FamilySpec("vllm_lora_requests_running", "gauge",
+               "Running requests per LoRA adapter (only adapters with requests are listed by "
+               "vLLM; an adapter that has none shows 0). Beyond daemon.max_lora_adapters "
+               "names, adapters fold into adapter=\"other\".",
+               labels=ENGINE_LABELS + ("adapter",),
+               source="SchedulerStats.running_lora_adapters"),
+    FamilySpec("vllm_lora_requests_waiting", "gauge",
+               "Waiting requests per LoRA adapter, as vLLM counts them: only requests the "
+               "engine has reported on (preempted ones); queued requests not yet scheduled "
+               "are in vllm_requests_waiting only.",
+               labels=ENGINE_LABELS + ("adapter",),
+               source="SchedulerStats.waiting_lora_adapters"),
     FamilySpec("vllm_kv_cache_usage_ratio", "gauge",
                "Fraction of the KV-cache blocks in use by requests (0-1).",
                source="SchedulerStats.kv_cache_usage"),
@@ -189,6 +201,11 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("vllm_engine_up", "gauge",
                "1 while the engine serves, 0 while it starts, after it died, or at shutdown.",
                labels=("model",), source="the daemon's engine health check"),
+    FamilySpec("vllm_engine_state", "gauge",
+               "1 for the engine's current state, 0 for the others: starting, serving, "
+               "stopping (SIGTERM drain) or dead (the engine process died; the daemon exits "
+               "daemon.exit_delay_seconds later).",
+               labels=("model", "state"), source="the daemon's engine health check"),
     FamilySpec("vllm_frontend_requests_unfinished", "gauge",
                "Requests the API front end holds that have not finished. Daemon mode only.",
                labels=("model",), source="AsyncLLM.get_num_unfinished_requests()"),
@@ -222,8 +239,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
                "the previous configuration stays active.",
                labels=("result",), source="the daemon's SIGHUP handler"),
     FamilySpec("vllm_exporter_label_overflow_total", "counter",
-               "Updates whose label value was beyond its cap and was folded into \"other\", by "
-               "label (engine: more than daemon.max_engines engine indexes).",
+               "Updates whose label value was beyond its cap and was folded into \"other\" "
+               "(or, for gpu, left out), by label: engine (beyond daemon.max_engines engine "
+               "indexes), adapter (beyond daemon.max_lora_adapters LoRA adapters active at "
+               "once), gpu (beyond gpu.max_devices GPUs, counted per NVML start).",
                labels=("label",), source="the stat logger"),
 )
 

@@ -31,6 +31,8 @@ from .web_config import load_web_config
 
 log = logging.getLogger("exporter.runtime")
 
+ENGINE_STATES = ("starting", "serving", "stopping", "dead")
+
 _current: "Runtime | None" = None
 _current_lock = threading.Lock()
 
@@ -60,7 +62,8 @@ class Runtime:
             self.metrics.config_reloads.labels(result)
         for reason in ("concurrency", "connections", "too_large"):
             self.metrics.scrapes_rejected.labels(reason)
-        self.metrics.label_overflow.labels("engine")
+        for label in ("engine", "adapter", "gpu"):
+            self.metrics.label_overflow.labels(label)
         self.model = config.engine.served_model_name or "unknown"
         self.recorder: StatsRecorder | None = None
         self.engine_state = "starting"
@@ -71,6 +74,9 @@ class Runtime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.logger_claimed = False
+        # Called (on the thread that saw it) once the engine is found dead, e.g. to evaluate
+        # and deliver the alerts at once rather than at the next tick.
+        self.on_engine_death: list[Callable[[], None]] = []
 
     # --- start-up ----------------------------------------------------------------------------
     def bind_metrics_port(self) -> None:
@@ -110,7 +116,9 @@ class Runtime:
         if self.server is None:
             self.bind_metrics_port()
         if self.config.gpu.enabled:
-            self.gpu = GpuCollector(self.config.gpu, root_pid=os.getpid())
+            overflow = self.metrics.label_overflow.labels("gpu")
+            self.gpu = GpuCollector(self.config.gpu, root_pid=os.getpid(),
+                                    on_label_overflow=overflow.inc)
             self.registry.register(self.gpu)
             self.gpu.start()
         self._thread = threading.Thread(target=self._side_loop, name="exporter-side-loop",
@@ -124,8 +132,9 @@ class Runtime:
         self.model = model
         self.recorder = StatsRecorder(self.metrics, model, engine_indexes, reason_name,
                                       self.config.slo.objectives,
-                                      max_engines=self.config.daemon.max_engines)
-        self.metrics.engine_up.labels(model).set(0)
+                                      max_engines=self.config.daemon.max_engines,
+                                      max_lora_adapters=self.config.daemon.max_lora_adapters)
+        self.set_engine_state(self.engine_state)
         return self.recorder
 
     def engine_initialized(self, config_labels: dict[str, str], geometry: dict[str, float],
@@ -137,8 +146,18 @@ class Runtime:
             self.gpu.set_memory_budget_ratio(gpu_memory_utilization)
 
     def set_engine_serving(self) -> None:
-        self.engine_state = "serving"
-        self.metrics.engine_up.labels(self.model).set(1)
+        self.set_engine_state("serving")
+
+    def set_engine_state(self, state: str) -> None:
+        """Publish the engine's state: vllm_engine_up (1 only while serving) and
+        vllm_engine_state (one series per state, 1 for the current one)."""
+        self.engine_state = state
+        self.metrics.engine_up.labels(self.model).set(1 if state == "serving" else 0)
+        for name in ENGINE_STATES:
+            self.metrics.engine_state.labels(self.model, name).set(1 if name == state else 0)
+        if state == "dead":
+            for callback in self.on_engine_death:
+                callback()
 
     def watch_engine(self, unfinished_requests: Callable[[], int],
                      engine_dead: Callable[[], bool]) -> None:
@@ -157,14 +176,12 @@ class Runtime:
     def mark_engine_dead(self) -> None:
         if self.engine_state in ("starting", "serving"):
             log.error("the engine died; metrics stay up with vllm_engine_up 0")
-            self.engine_state = "dead"
-            self.metrics.engine_up.labels(self.model).set(0)
+            self.set_engine_state("dead")
 
     def mark_stopping(self) -> None:
         if self.engine_state == "dead":
             return
-        self.engine_state = "stopping"
-        self.metrics.engine_up.labels(self.model).set(0)
+        self.set_engine_state("stopping")
 
     # --- the side loop -----------------------------------------------------------------------
     def _side_loop(self) -> None:

@@ -12,6 +12,7 @@ This module reads vLLM's stats objects by attribute only and imports nothing fro
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 from .metrics import EngineMetrics
@@ -20,6 +21,7 @@ from .slo import LatencyObjective, ObjectiveCounter
 KNOWN_FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 OTHER = "other"
 DEFAULT_MAX_ENGINES = 64
+DEFAULT_MAX_LORA_ADAPTERS = 64
 # Distinct finish_reason objects remembered per engine (vLLM's enum has a handful of members;
 # anything beyond this is still counted, as "other", just looked up each time).
 MAX_REASON_KEYS = 32
@@ -34,11 +36,17 @@ class _EngineChildren:
         "ttft", "itl", "tpot", "e2e", "queue", "prefill", "decode", "prompt_len", "gen_len",
         "finished", "finished_other", "blocks", "block_size", "capacity_tokens",
         "bytes_per_token", "capacity_bytes", "slo_ttft", "slo_tpot", "slo_e2e",
+        "label", "adapters", "adapters_listed",
     )
 
     def __init__(self, m: EngineMetrics, model: str, engine: str,
                  objectives: Iterable[LatencyObjective] = ()):
         labels = (model, engine)
+        self.label = engine
+        # LoRA adapter label -> (running, waiting) children, bound on first use; and the labels
+        # the last step listed (so that an adapter vLLM stops listing is set to 0).
+        self.adapters: dict[str, tuple[Any, Any]] = {}
+        self.adapters_listed: frozenset[str] = frozenset()
         self.running = m.requests_running.labels(*labels)
         self.waiting = m.requests_waiting.labels(*labels)
         self.kv_usage = m.kv_cache_usage_ratio.labels(*labels)
@@ -80,6 +88,51 @@ class _EngineChildren:
         self.slo_e2e = counters("e2e_request_latency")
 
 
+class AdapterLabels:
+    """The `adapter` label's cardinality cap: at most `cap` LoRA adapter names at a time.
+
+    A name is *listed* while some engine's last step listed it (it had requests). When the
+    table is full, a new name takes the slot of the name unlisted for longest (`evict` is
+    called so its series go); when every name in the table is listed, the new one folds into
+    "other" and the overflow counter counts it, once per step it appears in.
+    """
+
+    def __init__(self, cap: int, overflow: Any, evict: Callable[[str], None]):
+        self.cap = cap
+        self._overflow = overflow
+        self._evict = evict
+        self._listed_on: dict[str, int] = {}  # name -> engines whose last step listed it
+        self._unlisted: OrderedDict[str, None] = OrderedDict()  # oldest first
+
+    def label(self, name: str) -> str:
+        if name in self._listed_on:
+            self._unlisted.pop(name, None)  # listed again this step: not to be evicted now
+            return name
+        if len(self._listed_on) >= self.cap:
+            if not self._unlisted:
+                self._overflow.inc()
+                return OTHER
+            oldest, _ = self._unlisted.popitem(last=False)
+            del self._listed_on[oldest]
+            self._evict(oldest)
+        self._listed_on[name] = 0
+        return name
+
+    def listed(self, label: str) -> None:
+        if label != OTHER:
+            self._listed_on[label] += 1
+            self._unlisted.pop(label, None)
+
+    def unlisted(self, label: str) -> None:
+        if label != OTHER and label in self._listed_on:
+            self._listed_on[label] -= 1
+            if not self._listed_on[label]:
+                self._unlisted[label] = None
+
+    def __len__(self) -> int:
+        return len(self._listed_on)
+
+
 class StatsRecorder:
     """Applies SchedulerStats / IterationStats to the engine metric families."""
 
@@ -88,7 +141,8 @@ class StatsRecorder:
                  objectives: Iterable[LatencyObjective] = (),
                  wall_clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
-                 max_engines: int = DEFAULT_MAX_ENGINES):
+                 max_engines: int = DEFAULT_MAX_ENGINES,
+                 max_lora_adapters: int = DEFAULT_MAX_LORA_ADAPTERS):
         self.metrics = metrics
         self.model = model
         self._objectives = tuple(objectives)
@@ -103,6 +157,8 @@ class StatsRecorder:
         self._engines: dict[int, _EngineChildren] = {}
         self._other_engine: _EngineChildren | None = None
         self._engine_overflow = metrics.label_overflow.labels("engine")
+        self.adapters = AdapterLabels(max_lora_adapters, metrics.label_overflow.labels("adapter"),
+                                      self._remove_adapter)
         for index in engine_indexes:
             self._bind(index)
         # Read by the idle watchdog on another thread: plain attribute reads, no lock needed.
@@ -142,6 +198,11 @@ class StatsRecorder:
             e.waiting.set(waiting)
             e.kv_usage.set(kv_usage)
             self.state_nonzero = bool(running or waiting or kv_usage)
+            # name -> request count, for adapters with requests; empty without LoRA.
+            lora_running = getattr(scheduler_stats, "running_lora_adapters", None)
+            lora_waiting = getattr(scheduler_stats, "waiting_lora_adapters", None)
+            if lora_running or lora_waiting or e.adapters_listed:
+                self._record_adapters(e, lora_running or {}, lora_waiting or {})
             prefix = scheduler_stats.prefix_cache_stats
             if prefix is not None:
                 e.prefix_queries.inc(prefix.queries)
@@ -160,6 +221,38 @@ class StatsRecorder:
             e.itl.observe(value)
         for request in iteration_stats.finished_requests:
             self._record_finished(e, request)
+
+    def _record_adapters(self, e: _EngineChildren, running: dict, waiting: dict) -> None:
+        """Per-adapter gauges: O(adapters vLLM lists this step), bounded by max_loras."""
+        counts: dict[str, list[int]] = {}
+        for slot, by_name in ((0, running), (1, waiting)):
+            for name, n in by_name.items():
+                counts.setdefault(self.adapters.label(name), [0, 0])[slot] += n
+        for label in e.adapters_listed - counts.keys():
+            children = e.adapters.get(label)
+            if children is not None:
+                children[0].set(0)
+                children[1].set(0)
+            self.adapters.unlisted(label)
+        for label, (n_running, n_waiting) in counts.items():
+            children = e.adapters.get(label)
+            if children is None:
+                children = e.adapters[label] = (
+                    self.metrics.lora_requests_running.labels(self.model, e.label, label),
+                    self.metrics.lora_requests_waiting.labels(self.model, e.label, label))
+            children[0].set(n_running)
+            children[1].set(n_waiting)
+            if label not in e.adapters_listed:
+                self.adapters.listed(label)
+        e.adapters_listed = frozenset(counts)
+
+    def _remove_adapter(self, label: str) -> None:
+        """An adapter's slot went to a newer one: its series go (the cold path)."""
+        for e in self._all_engines():
+            if e.adapters.pop(label, None) is not None:
+                for family in (self.metrics.lora_requests_running,
+                               self.metrics.lora_requests_waiting):
+                    family.remove(self.model, e.label, label)
 
     def _record_finished(self, e: _EngineChildren, request: Any) -> None:
         reason = request.finish_reason
@@ -201,4 +294,9 @@ class StatsRecorder:
             e.running.set(0)
             e.waiting.set(0)
             e.kv_usage.set(0)
+            # Values only: the adapter bookkeeping belongs to record()'s thread, which
+            # unlists these adapters at its next step (list() copies atomically under the GIL).
+            for running, waiting in list(e.adapters.values()):
+                running.set(0)
+                waiting.set(0)
         self.state_nonzero = False

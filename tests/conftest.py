@@ -7,9 +7,11 @@ shares the `daemon` fixture; tests that must kill or restart an engine start the
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -21,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from helpers import Samples, free_port, http_get, scrape
+from helpers import Samples, free_port, http_get
 
 # issue 4 (alerts): the session Alertmanager + webhook the shared daemon notifies.
 from alerting_fixtures import alerting  # noqa: F401,E402  (a session fixture)
@@ -49,6 +51,8 @@ class Daemon:
     log_path: Path
     config_path: Path
     model: str = "vllm-exporter-default"
+    tls: ssl.SSLContext | None = None  # set when the metrics port speaks TLS
+    auth: tuple[str, str] | None = None  # basic-auth credentials for the metrics port
 
     @property
     def api_url(self) -> str:
@@ -56,10 +60,22 @@ class Daemon:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.metrics_port}/metrics"
+
+    def get(self, path: str) -> tuple[int, bytes, dict]:
+        """GET a path of the metrics port, with TLS and credentials where configured."""
+        headers = {}
+        if self.auth:
+            pair = base64.b64encode(":".join(self.auth).encode()).decode()
+            headers["Authorization"] = f"Basic {pair}"
+        return http_get(self.metrics_url.removesuffix("/metrics") + path, headers=headers,
+                        context=self.tls)
 
     def scrape(self) -> Samples:
-        return scrape(self.metrics_url)
+        status, body, _ = self.get("/metrics")
+        assert status == 200, f"GET {self.metrics_url} -> {status}"
+        return Samples(body.decode())
 
     def log_tail(self, lines: int = 60) -> str:
         try:
@@ -82,7 +98,8 @@ def daemon_config(api_port: int, metrics_port: int, **sections) -> dict:
     return config
 
 
-def start_daemon(tmp: Path, config: dict, name: str = "daemon") -> Daemon:
+def start_daemon(tmp: Path, config: dict, name: str = "daemon",
+                 tls: ssl.SSLContext | None = None) -> Daemon:
     config_path = tmp / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = tmp / f"{name}.log"
@@ -92,15 +109,14 @@ def start_daemon(tmp: Path, config: dict, name: str = "daemon") -> Daemon:
         stdout=log_file, stderr=subprocess.STDOUT, env=daemon_env(), cwd=ROOT,
         start_new_session=True)
     daemon = Daemon(process, config["api"]["port"], config["metrics"]["port"], log_path,
-                    config_path)
+                    config_path, config["engine"].get("served_model_name", Daemon.model), tls)
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"daemon exited with {process.returncode} during start-up:\n"
                                f"{daemon.log_tail()}")
         try:
-            status, _, _ = http_get(f"http://127.0.0.1:{daemon.metrics_port}/-/ready", timeout=2)
-            if status == 200:
+            if daemon.get("/-/ready")[0] == 200:
                 return daemon
         except OSError:
             pass

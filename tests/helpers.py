@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import socket
+import ssl
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,10 +35,11 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tuple[int, bytes, dict]:
+def http_get(url: str, timeout: float = 5.0, headers: dict | None = None,
+             context: ssl.SSLContext | None = None) -> tuple[int, bytes, dict]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return response.status, response.read(), dict(response.headers)
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), dict(exc.headers)
@@ -93,3 +99,43 @@ class BackgroundLoad:
 
     async def _worker(self, client, index: int) -> None:
         raise NotImplementedError
+
+
+def engine_core_pids(root: int) -> list[int]:
+    """Descendants of `root` whose process title names vLLM's engine core."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry.name)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found = []
+    for pid in parents:
+        ancestor = parents.get(pid)
+        while ancestor and ancestor != root:
+            ancestor = parents.get(ancestor)
+        if ancestor == root:
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"EngineCore" in title:
+                found.append(pid)
+    return found
+
+
+@contextlib.contextmanager
+def engine_paused(root_pid: int):
+    """vLLM's engine core processes under `root_pid` stopped (SIGSTOP) inside the block: the
+    API front end keeps accepting and cancelling requests, but none can make progress."""
+    pids = engine_core_pids(root_pid)
+    assert pids, f"no engine core process under {root_pid}"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)

@@ -215,7 +215,7 @@ def test_daemon_service_alert_survives_alertmanager_down_then_resolves(tmp_path,
     metrics = EngineMetrics(registry)
     server = SimpleNamespace(port=9410, add_route=lambda *a: None)
     rt = SimpleNamespace(registry=registry, metrics=metrics, server=server, config=config,
-                         model="m")
+                         model="m", on_engine_death=[])
     service = AlertingService(config, parse_rules({"rules": [rule]}, SloConfig(), "t"))
     service.start(rt)
     try:
@@ -236,3 +236,43 @@ def test_daemon_service_alert_survives_alertmanager_down_then_resolves(tmp_path,
     finally:
         service.stop()
         am.stop()
+
+
+@needs_alertmanager
+def test_engine_death_is_evaluated_at_once_and_its_delivery_awaited(tmp_path, webhook):
+    """What the daemon does before exiting after an engine death, without the engine: the
+    runtime's death hook makes the service evaluate at once (not at its next 60 s tick), and
+    deliver_now() waits, within its bound, until Alertmanager has the VllmEngineDied alert."""
+    from exporter.alerts.service import AlertingService, load_rules
+    from exporter.config import load_config
+    from exporter.runtime import Runtime
+
+    am = make_alertmanager(tmp_path, webhook.url, port=free_port())
+    config = load_config(None, {"gpu.enabled": False})
+    config.alerts.evaluation_interval_seconds = 60
+    config.alerts.alertmanager = AlertmanagerConfig(urls=[am.url], retry_initial_seconds=0.1,
+                                                    retry_max_seconds=0.5, timeout_seconds=1)
+    rt = Runtime(config, mode="daemon")
+    rt.model = "m"
+    rt.set_engine_serving()
+    service = AlertingService(config, load_rules(config))
+    service.start(rt)
+    try:
+        time.sleep(0.5)  # the first tick, at start, found nothing to fire
+        assert service.evaluator.firing() == []
+        died_at = time.monotonic()
+        rt.mark_engine_dead()
+        # Alertmanager is down: the wait gives up at its bound and says so.
+        assert service.deliver_now(1.0) is False
+        assert time.monotonic() - died_at < 5
+        assert [a.labels["alertname"] for a in service.evaluator.firing()] == ["VllmEngineDied"]
+        am.start()
+        assert service.deliver_now(20.0) is True
+        died = webhook.wait("VllmEngineDied")
+        assert died[0]["labels"] == {"alertname": "VllmEngineDied", "model": "m",
+                                     "severity": "critical"}
+        assert time.monotonic() - died_at < 40  # long before the next regular tick
+    finally:
+        service.stop()
+        am.stop()
+        rt.stop()

@@ -198,7 +198,7 @@ def test_service_evaluates_our_registry_and_serves_json(tmp_path):
     registry = CollectorRegistry()
     metrics = EngineMetrics(registry)
     rt = SimpleNamespace(registry=registry, metrics=metrics, server=_FakeServer(), config=config,
-                         model="m")
+                         model="m", on_engine_death=[])
     service = AlertingService(config, rules)
     service.start(rt)
     try:

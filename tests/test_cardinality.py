@@ -1,8 +1,10 @@
 """Bounded cardinality: whatever vLLM hands the stat logger, no family grows without bound.
 
 The inputs that reach labels are the engine index (capped by daemon.max_engines, folded into
-engine="other") and the finish reason (a fixed set plus "other"); the model label is fixed per
-process. Fed with vLLM's own statistics classes, no engine needed.
+engine="other"), the LoRA adapter names (capped by daemon.max_lora_adapters: idle ones give
+their slot up, busy ones beyond the cap fold into adapter="other") and the finish reason (a
+fixed set plus "other"); the model label is fixed per process. Fed with vLLM's own statistics
+classes, no engine needed.
 """
 
 from __future__ import annotations
@@ -22,15 +24,24 @@ MAX_ENGINES = 8
 DISTINCT_ENGINES = 10_000
 
 
+MAX_ADAPTERS = 8
+DISTINCT_ADAPTERS = 10_000
+LORA_FAMILIES = ("vllm_lora_requests_running", "vllm_lora_requests_waiting")
+
+
 def runtime(max_engines: int = MAX_ENGINES) -> Runtime:
-    rt = Runtime(load_config(None, {"gpu.enabled": False, "daemon.max_engines": max_engines}),
+    rt = Runtime(load_config(None, {"gpu.enabled": False, "daemon.max_engines": max_engines,
+                                    "daemon.max_lora_adapters": MAX_ADAPTERS}),
                  mode="daemon")
     rt.attach_stat_logger("m", [0], finish_reason_name)
     return rt
 
 
-def step(reason="stop", prompt_tokens=3) -> tuple[SchedulerStats, IterationStats]:
-    scheduler = SchedulerStats(num_running_reqs=1, num_waiting_reqs=0, kv_cache_usage=0.1)
+def step(reason="stop", prompt_tokens=3, running_adapters=None,
+         waiting_adapters=None) -> tuple[SchedulerStats, IterationStats]:
+    scheduler = SchedulerStats(num_running_reqs=1, num_waiting_reqs=0, kv_cache_usage=0.1,
+                               running_lora_adapters=dict(running_adapters or {}),
+                               waiting_lora_adapters=dict(waiting_adapters or {}))
     it = IterationStats()
     it.num_generation_tokens = 2
     it.prompt_token_stats.total = prompt_tokens
@@ -108,6 +119,95 @@ def test_engines_under_the_cap_keep_their_own_label_and_no_overflow():
         rt.stop()
 
 
+def lora_series(rt: Runtime) -> dict[str, dict[str, float]]:
+    """family -> {adapter: value} for engine 0."""
+    s = Samples(generate_latest(rt.registry).decode())
+    return {family: {labels["adapter"]: value for labels, value in s.series(family)}
+            for family in LORA_FAMILIES}
+
+
+def overflow(rt: Runtime, label: str) -> float:
+    return Samples(generate_latest(rt.registry).decode()).get(
+        "vllm_exporter_label_overflow_total", label=label)
+
+
+def test_ten_thousand_adapters_one_after_another_reuse_the_idle_slots():
+    """Adapters come and go (dynamic LoRA loading): each new one takes the slot of the adapter
+    idle for longest, so the newest keep their own series and nothing overflows."""
+    rt = runtime()
+    try:
+        for i in range(DISTINCT_ADAPTERS):
+            rt.recorder.record(*step(running_adapters={f"tenant-{i}": 2},
+                                     waiting_adapters={f"tenant-{i}": 1}), engine_idx=0)
+            if i == MAX_ADAPTERS:
+                at_cap = {name: len(v) for name, v in series_by_family(rt).items()}
+        after = series_by_family(rt)
+        assert {name: len(v) for name, v in after.items()} == at_cap
+        series = lora_series(rt)
+        newest = {f"tenant-{i}" for i in range(DISTINCT_ADAPTERS - MAX_ADAPTERS,
+                                               DISTINCT_ADAPTERS)}
+        for family in LORA_FAMILIES:
+            assert set(series[family]) == newest
+        # Only the adapter of the last step has requests; the others it replaced show 0.
+        assert series["vllm_lora_requests_running"][f"tenant-{DISTINCT_ADAPTERS - 1}"] == 2
+        assert series["vllm_lora_requests_waiting"][f"tenant-{DISTINCT_ADAPTERS - 1}"] == 1
+        assert sum(series["vllm_lora_requests_running"].values()) == 2
+        assert overflow(rt, "adapter") == 0
+        assert len(rt.recorder.adapters) == MAX_ADAPTERS
+    finally:
+        rt.stop()
+
+
+def test_ten_thousand_busy_adapters_fold_into_other_are_counted_and_lose_no_request():
+    rt = runtime()
+    try:
+        running = {f"tenant-{i}": 1 + i % 3 for i in range(DISTINCT_ADAPTERS)}
+        waiting = {f"tenant-{i}": 1 for i in range(0, DISTINCT_ADAPTERS, 2)}
+        for _ in range(3):
+            rt.recorder.record(*step(running_adapters=running, waiting_adapters=waiting),
+                               engine_idx=0)
+        series = lora_series(rt)
+        for family in LORA_FAMILIES:
+            assert len(series[family]) == MAX_ADAPTERS + 1, family
+            assert "other" in series[family]
+        # Every request is in some series: the folded ones add up in adapter="other".
+        assert sum(series["vllm_lora_requests_running"].values()) == sum(running.values())
+        assert sum(series["vllm_lora_requests_waiting"].values()) == sum(waiting.values())
+        # Each folded adapter counts once per step it appears in (running or waiting).
+        folded = len(running) - MAX_ADAPTERS + len([n for n in waiting
+                                                    if n not in list(running)[:MAX_ADAPTERS]])
+        assert overflow(rt, "adapter") == 3 * folded
+        assert len(rt.recorder.adapters) == MAX_ADAPTERS
+
+        # The adapters stop having requests: every series shows 0, the cap is unchanged.
+        rt.recorder.record(*step(), engine_idx=0)
+        series = lora_series(rt)
+        assert set(series["vllm_lora_requests_running"].values()) == {0}
+        assert set(series["vllm_lora_requests_waiting"].values()) == {0}
+        assert len(series["vllm_lora_requests_running"]) == MAX_ADAPTERS + 1
+    finally:
+        rt.stop()
+
+
+def test_adapter_series_follow_vllms_lists_and_the_idle_reset():
+    rt = runtime()
+    try:
+        rt.recorder.record(*step(running_adapters={"a": 3, "b": 1}, waiting_adapters={"b": 2}),
+                           engine_idx=0)
+        series = lora_series(rt)
+        assert series["vllm_lora_requests_running"] == {"a": 3, "b": 1}
+        assert series["vllm_lora_requests_waiting"] == {"a": 0, "b": 2}
+        rt.recorder.record(*step(running_adapters={"b": 2}), engine_idx=0)
+        assert lora_series(rt)["vllm_lora_requests_running"] == {"a": 0, "b": 2}
+        rt.recorder.reset_engine_state()  # the idle watchdog, from its own thread
+        assert lora_series(rt)["vllm_lora_requests_running"] == {"a": 0, "b": 0}
+        rt.recorder.record(*step(running_adapters={"c": 1}), engine_idx=0)
+        assert lora_series(rt)["vllm_lora_requests_running"] == {"a": 0, "b": 0, "c": 1}
+        assert overflow(rt, "adapter") == 0
+    finally:
+        rt.stop()
+
+
 def test_unknown_finish_reasons_fold_into_other_and_stay_bounded():
     rt = runtime()
     try:
@@ -128,9 +228,9 @@ def test_unknown_finish_reasons_fold_into_other_and_stay_bounded():
 def test_every_engine_family_is_labelled_only_by_bounded_inputs():
     """The labels of every family come from a closed list: a new free-form label would need a
     cap of its own, and this test makes adding one a conscious decision."""
-    bounded = {"model", "engine", "finish_reason", "objective", "result", "path", "code",
-               "component", "reason", "label", "version", "vllm_version", "python_version",
-               "mode"}
+    bounded = {"model", "engine", "adapter", "finish_reason", "objective", "result", "path",
+               "code", "component", "reason", "label", "version", "vllm_version",
+               "python_version", "mode", "state"}
     from exporter.metrics import ENGINE_CONFIG_LABELS, FAMILIES
 
     for family in FAMILIES:

@@ -17,7 +17,7 @@ import urllib.request
 import openai
 import pytest
 
-from helpers import http_get, wait_for
+from helpers import Samples, engine_paused, http_get, wait_for
 
 EOS_TOKEN_ID = 1  # the default model's </s>
 MODEL = "vllm-exporter-default"
@@ -87,6 +87,17 @@ async def _aborted_stream(client, prompt: str, after_chunks: int) -> int:
             break
     await chunks.close()
     return received
+
+
+async def _abandoned_request(client, prompt: str) -> str:
+    """A non-streamed request whose client gives up after 1 s. vLLM cancels such a request
+    as soon as its connection closes."""
+    try:
+        await client.with_options(timeout=1.0).completions.create(
+            model=MODEL, prompt=prompt, max_tokens=16)
+    except openai.APITimeoutError:
+        return "abandoned"
+    return "finished"
 
 
 async def _completed_load(client, ledger: Ledger) -> None:
@@ -178,10 +189,10 @@ def test_client_aborts_are_counted_and_gauges_return_to_zero(daemon):
     received = asyncio.run(load())
     assert all(n >= 3 for n in received)
 
-    def accounted() -> tuple[float, float]:
+    def accounted(since: Samples) -> tuple[float, float]:
         now = daemon.scrape()
-        return (_delta(now, before, "vllm_requests_aborted_total", **labels),
-                _delta(now, before, "vllm_requests_finished_total", finish_reason="length",
+        return (_delta(now, since, "vllm_requests_aborted_total", **labels),
+                _delta(now, since, "vllm_requests_finished_total", finish_reason="length",
                        **labels))
 
     # The server notices a closed stream asynchronously. The engine runs in its own process, and
@@ -189,10 +200,11 @@ def test_client_aborts_are_counted_and_gauges_return_to_zero(daemon):
     # finishes the stream ("length") before it notices the disconnect, and vLLM itself never
     # aborts it. So the exact, failable claim here is that every request is counted exactly
     # once, as aborted or as finished (the abort path alone was seen 4 of 4 on the H200 run,
-    # docs/gpu-daemon-verification.md, and 5 of 5 on an unloaded CPU run).
-    wait_for(lambda: sum(accounted()) >= 5 + background, 60,
+    # docs/gpu-daemon-verification.md, and 5 of 5 on an unloaded CPU run); the part below
+    # makes aborts certain.
+    wait_for(lambda: sum(accounted(before)) >= 5 + background, 60,
              what="every request to be accounted for")
-    aborted, finished = accounted()
+    aborted, finished = accounted(before)
     assert aborted + finished == 5 + background, (aborted, finished)
     assert aborted <= 5  # only the closed streams can be aborts
     wait_for(lambda: daemon.scrape().get("vllm_requests_running", **labels) == 0, 10,
@@ -208,6 +220,24 @@ def test_client_aborts_are_counted_and_gauges_return_to_zero(daemon):
     # Sampled by the side loop every check interval (0.25 s here).
     wait_for(lambda: daemon.scrape().get("vllm_frontend_requests_unfinished", **labels) == 0, 5,
              what="the front end's unfinished count to reach 0")
+
+    # Requests whose clients give up while the engine core is paused (SIGSTOP) cannot finish:
+    # vLLM's front end cancels each when its connection closes, and each counts as aborted.
+    abandoned = 3
+    with engine_paused(daemon.process.pid):
+        async def give_up() -> list[str]:
+            fresh = _client(daemon)  # the first client's connections died with their loop
+            return await asyncio.gather(*[_abandoned_request(fresh, f"give up {i}")
+                                          for i in range(abandoned)])
+
+        assert asyncio.run(give_up()) == ["abandoned"] * abandoned
+        wait_for(lambda: accounted(after)[0] == abandoned, 10,
+                 what="the abandoned requests to count as aborted")
+    assert accounted(after) == (abandoned, 0)
+    wait_for(lambda: daemon.scrape().get("vllm_frontend_requests_unfinished", **labels) == 0, 5,
+             what="the front end to drop the abandoned requests")
+    assert daemon.scrape().get("vllm_e2e_request_latency_seconds_count", **labels) == \
+        after.get("vllm_e2e_request_latency_seconds_count", **labels)
 
 
 @pytest.mark.engine
@@ -233,6 +263,25 @@ def test_bad_api_requests_get_4xx_and_the_engine_keeps_serving(daemon):
     status, body = _post_json(url, {"model": MODEL, "prompt": "still there?", "max_tokens": 3})
     assert status == 200 and body["usage"]["completion_tokens"] == 3
     assert daemon.scrape().get("vllm_engine_up", model=MODEL) == 1
+
+
+@pytest.mark.engine
+def test_prompts_and_completions_never_reach_the_log(daemon):
+    """At the default level (INFO) neither our lines nor vLLM's carry request content: not on
+    success, and not when a bad request is refused (a too-long prompt, a bad parameter)."""
+    marker = "confidential-3f9c"
+    url = daemon.api_url + "/v1/completions"
+    status, body = _post_json(url, {"model": MODEL, "prompt": f"{marker} say something",
+                                    "max_tokens": 8})
+    assert status == 200
+    completion = body["choices"][0]["text"]
+    for refused in ({"model": MODEL, "prompt": f"{marker} " * 600, "max_tokens": 4},
+                    {"model": MODEL, "prompt": marker, "max_tokens": 4, "top_p": 7}):
+        assert 400 <= _post_json(url, refused)[0] < 500
+    time.sleep(1)  # let the daemon's log catch up
+    log = daemon.log_path.read_text(errors="replace")
+    assert marker not in log
+    assert len(completion.strip()) < 8 or completion.strip() not in log
 
 
 @pytest.mark.engine

@@ -374,6 +374,28 @@ def test_without_a_gpu_up_is_0():
     assert value(scrape(registry), "vllm_exporter_collector_up", collector="gpu") == 0
 
 
+def test_gpus_beyond_the_cap_are_left_out_logged_and_counted(caplog):
+    """Cardinality: a host with more GPUs than gpu.max_devices gets series for the first ones
+    only, every GPU family included; the rest is counted, not silently dropped."""
+    overflow = []
+    fake = fake_pynvml.FakeNvml(recording(gpus=5))
+    collector = GpuCollector(GpuConfig(max_devices=3, xid_events=False), root_pid=os.getpid(),
+                             nvml=fake, clock=FakeClock(), on_label_overflow=overflow.append)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    with caplog.at_level(logging.WARNING, logger="exporter.gpu"):
+        collector.sample_once()
+    s = scrape(registry)
+    gpus = {dict(labels)["gpu"] for _, labels in s if "gpu" in dict(labels)}
+    assert gpus == {"0", "1", "2"}
+    assert value(s, "vllm_exporter_collector_up", collector="gpu") == 1
+    assert overflow == [2]
+    assert "2 left out" in caplog.text
+    collector.sample_once()  # a tick with the same session counts nothing more
+    assert overflow == [2]
+    assert GpuConfig(max_devices=0).problems() == [("max_devices", "must be >= 1, got 0")]
+
+
 def _real_nvml_works() -> bool:
     try:
         pynvml.nvmlInit()

@@ -35,6 +35,11 @@ ALERT_FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("vllm_exporter_alert_history_series", "gauge",
                "Series the alert evaluator keeps in its in-memory history.",
                labels=(), source="the in-daemon rule evaluator"),
+    FamilySpec("vllm_exporter_alert_history_samples", "gauge",
+               "Samples the alert evaluator keeps in memory, fine and coarse tiers together "
+               "(about 40 bytes each); they grow until alerts.fine_history_seconds is full, "
+               "then stay flat.",
+               labels=(), source="the in-daemon rule evaluator"),
     FamilySpec("vllm_exporter_alert_notifications_sent_total", "counter",
                "Alerts delivered to Alertmanager (firing, re-sent and resolved), by URL.",
                labels=("alertmanager",), source="the Alertmanager client"),

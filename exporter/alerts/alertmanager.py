@@ -15,6 +15,7 @@ import json
 import logging
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import OrderedDict
@@ -105,14 +106,19 @@ class AlertmanagerClient:
             thread.start()
             self._threads.append(thread)
 
+    def wait_until_delivered(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for every queue to empty; True if they did."""
+        deadline = time.monotonic() + timeout
+        while any(len(q) for q in self.queues.values()):
+            if time.monotonic() >= deadline:
+                return False
+            self._stop.wait(0.02)
+        return True
+
     def stop(self, flush_seconds: float = 0.0) -> None:
         """Stop the senders; first give them up to flush_seconds to empty their queues."""
         if flush_seconds > 0:
-            deadline = threading.Event()
-            waited = 0.0
-            while waited < flush_seconds and any(len(q) for q in self.queues.values()):
-                deadline.wait(0.05)
-                waited += 0.05
+            self.wait_until_delivered(flush_seconds)
         self._stop.set()
         for event in self._wake.values():
             event.set()

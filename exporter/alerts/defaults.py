@@ -122,6 +122,14 @@ def default_rule_file(thresholds: dict[str, float] | None = None,
               "vllm_engine_up is 0 for {{ $labels.model }}: the engine is still starting after "
               "5m, died, or is shutting down.",
               signal={"gauge": "vllm_engine_up"}, below=1),
+        _rule("VllmEngineDied", "threshold", "0s", "critical",
+              "The engine of {{ $labels.model }} died",
+              "The engine process of {{ $labels.model }} died (killed, crashed or out of "
+              "memory). The daemon exits with code 1 daemon.exit_delay_seconds later so that "
+              "its supervisor restarts it; it sends this alert before it goes.",
+              signal={"gauge": "vllm_engine_state", "match": {"state": "dead"},
+                      "without": ["state"]},
+              above=0),
         _rule("VllmHighErrorRatio", "threshold", "5m", "warning",
               "Requests fail on {{ $labels.model }}",
               f"{{{{ $value | humanizePercentage }}}} of requests finished with an error or "

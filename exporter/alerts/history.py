@@ -177,3 +177,9 @@ class History:
     def series_count(self) -> int:
         with self._lock:
             return sum(len(t) for t in self.tiers[0].series.values())
+
+    def sample_count(self) -> int:
+        """Samples held in both tiers: about 40 bytes each (two lists of Python numbers)."""
+        with self._lock:
+            return sum(len(series.ts) for tier in self.tiers
+                       for table in tier.series.values() for series in table.values())

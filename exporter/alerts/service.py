@@ -57,12 +57,16 @@ class AlertingService:
         self.client: AlertmanagerClient | None = None
         self.generator_url = config.alerts.external_url
         self._stop = threading.Event()
+        self._tick_now = threading.Event()  # set: evaluate at once instead of at the next tick
+        self._last_tick_at = 0.0  # the `now` of the last completed tick
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards evaluator state against the JSON route
         self.rt: Any = None
 
     # --- lifecycle -------------------------------------------------------------------------
-    def start(self, rt: Any) -> None:
+    def start(self, rt: Any, thread: bool = True) -> None:
+        """Start evaluating; thread=False leaves the ticks to the caller (bench/ drives tick()
+        with a simulated clock)."""
         self.rt = rt
         self._create_families(rt.registry)
         am = self.config.alerts.alertmanager
@@ -83,16 +87,20 @@ class AlertingService:
                 for family in (self.sent, self.failed, self.dropped, self.queue_length):
                     family.labels(url)
             self.client.start()
+        rt.on_engine_death.append(self.request_tick)
         if rt.server is not None:
             rt.server.add_route("/alerts", self.alerts_json,
                                 "alert rules and their current states (JSON)")
-        self._thread = threading.Thread(target=self._run, name="alert-evaluator", daemon=True)
-        self._thread.start()
+        if thread:
+            self._thread = threading.Thread(target=self._run, name="alert-evaluator",
+                                            daemon=True)
+            self._thread.start()
         log.info("evaluating %d alert rules every %gs; Alertmanager: %s", len(self.rules),
                  self.interval, ", ".join(am.urls) or "none")
 
     def stop(self) -> None:
         self._stop.set()
+        self._tick_now.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self.client is not None:
@@ -110,6 +118,7 @@ class AlertingService:
         self.evaluation_seconds = made["vllm_exporter_alert_evaluation_seconds_total"]
         self.rule_failures = made["vllm_exporter_alert_evaluation_failures_total"]
         self.history_series = made["vllm_exporter_alert_history_series"]
+        self.history_samples = made["vllm_exporter_alert_history_samples"]
         self.sent = made["vllm_exporter_alert_notifications_sent_total"]
         self.failed = made["vllm_exporter_alert_notifications_failed_total"]
         self.dropped = made["vllm_exporter_alert_notifications_dropped_total"]
@@ -132,7 +141,29 @@ class AlertingService:
             delay = next_tick - time.monotonic()
             if delay < 0:  # fell behind (a slow tick): skip, do not burst
                 next_tick, delay = time.monotonic(), 0
-            self._stop.wait(delay)
+            self._tick_now.wait(delay)
+            self._tick_now.clear()
+
+    def request_tick(self) -> None:
+        """Evaluate now rather than at the next interval (safe from any thread)."""
+        self._tick_now.set()
+
+    def deliver_now(self, timeout: float) -> bool:
+        """Evaluate with the registry as it is now and wait up to `timeout` s until every
+        resulting notification has reached every Alertmanager. The daemon calls this when the
+        engine died, before it exits: a `for: 0s` rule on vllm_engine_state{state="dead"}
+        then reaches Alertmanager although the process is about to go. True if delivered."""
+        deadline = time.monotonic() + timeout
+        asked_at = time.time()
+        self.request_tick()
+        while self._last_tick_at < asked_at:
+            if time.monotonic() >= deadline or self._thread is None or \
+                    not self._thread.is_alive():
+                return False
+            time.sleep(0.02)
+        if self.client is None:
+            return True
+        return self.client.wait_until_delivered(max(0.0, deadline - time.monotonic()))
 
     def tick(self, now: float) -> None:
         started = time.perf_counter()
@@ -146,8 +177,10 @@ class AlertingService:
             for url in self.client.queues:
                 self.queue_length.labels(url).set(self.client.queue_length(url))
         self.history_series.set(self.history.series_count())
+        self.history_samples.set(self.history.sample_count())
         self.evaluations.inc()
         self.evaluation_seconds.inc(time.perf_counter() - started)
+        self._last_tick_at = now
 
     def _publish_states(self) -> None:
         for state in self.evaluator.rules:
