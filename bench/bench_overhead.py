@@ -36,6 +36,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers import free_port, wait_for  # noqa: E402
 
 
+def stop_all(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM every server, then wait up to 60 s for each and kill what is left."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def start(cmd: list[str], env: dict, log: Path, ready_url: str) -> subprocess.Popen:
     process = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env,
                                cwd=ROOT, start_new_session=True)
@@ -209,13 +220,7 @@ def main() -> None:
             print(f"{name:<26}{len(values):>6}{percentile(values, 0.5):>10.2f}"
                   f"{percentile(values, 0.99):>10.2f}")
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
 
 
 if __name__ == "__main__":

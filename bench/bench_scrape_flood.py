@@ -19,7 +19,6 @@ import collections
 import os
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench_overhead import Workers, percentile, start  # noqa: E402
+from bench_overhead import Workers, percentile, start, stop_all  # noqa: E402
 from helpers import Samples, free_port  # noqa: E402
 from pki import make_pki, write_web_config  # noqa: E402
 
@@ -180,11 +179,7 @@ def main() -> None:
             print(f"UNEXPECTED: statuses {unexpected}, errors {dict(errors)}, "
                   f"failures {len(failures)}")
     finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_all([process])
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench_overhead import Workers, start  # noqa: E402
+from bench_overhead import Workers, start, stop_all  # noqa: E402
 from helpers import Samples, engine_core_pids, free_port  # noqa: E402
 
 MIB = 1024 * 1024
@@ -263,13 +263,7 @@ def main() -> int:
                 "points": {target.name: target.points for target in targets}}, indent=1))
         return 0
     finally:
-        for target in targets:
-            target.process.terminate()
-        for target in targets:
-            try:
-                target.process.wait(60)
-            except subprocess.TimeoutExpired:
-                target.process.kill()
+        stop_all([target.process for target in targets])
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
-from helpers import BackgroundLoad, free_port, http_get, wait_for
+from helpers import BackgroundLoad, abandoned_request, free_port, http_get, wait_for
 
 PROMETHEUS = shutil.which("prometheus")
 
@@ -182,20 +182,6 @@ class Load(BackgroundLoad):
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    async def _give_up(self, client, prompt: str) -> bool:
-        """A long request the client abandons after 0.3 s: True if it did. vLLM cancels a
-        non-streamed request as soon as its connection closes, so an abandoned request is an
-        abort (a dropped stream may instead be finished first on a busy host)."""
-        import openai
-
-        try:
-            await client.with_options(timeout=0.3).completions.create(
-                model=self.model, prompt=prompt, max_tokens=480,
-                extra_body={"ignore_eos": True})
-        except openai.APITimeoutError:
-            return True
-        return False  # a fast engine finished 480 tokens within 0.3 s
-
     async def _worker(self, client, index: int) -> None:
         n = 0
         while not self._stop.is_set():
@@ -204,10 +190,13 @@ class Load(BackgroundLoad):
                 prompt = SHARED_PREFIX + prompt
             max_tokens = (8, 24, 48)[(index + n) % 3]
             try:
-                if n % 7 == 3:  # a client that gives up: an abort at the API
-                    if await self._give_up(client, PROMPTS[(index + n) % len(PROMPTS)]):
+                if n % 7 == 3:  # a client that gives up after 0.3 s: an abort at the API
+                    outcome = await abandoned_request(client, self.model,
+                                                      PROMPTS[(index + n) % len(PROMPTS)],
+                                                      timeout=0.3, max_tokens=480)
+                    if outcome == "abandoned":
                         self.aborted += 1
-                    else:
+                    else:  # a fast engine finished 480 tokens within 0.3 s
                         self.finished += 1
                 elif n % 2:
                     stream = await client.completions.create(

@@ -139,3 +139,18 @@ def engine_paused(root_pid: int):
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
+
+
+async def abandoned_request(client, model: str, prompt: str, timeout: float,
+                            max_tokens: int) -> str:
+    """A non-streamed completion whose client gives up after `timeout` s: "abandoned", or
+    "finished" if it came back first. vLLM cancels such a request (an abort) as soon as its
+    connection closes. `client` is an openai.AsyncOpenAI."""
+    import openai
+
+    try:
+        await client.with_options(timeout=timeout).completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, extra_body={"ignore_eos": True})
+    except openai.APITimeoutError:
+        return "abandoned"
+    return "finished"

@@ -17,7 +17,7 @@ import urllib.request
 import openai
 import pytest
 
-from helpers import Samples, engine_paused, http_get, wait_for
+from helpers import Samples, abandoned_request, engine_paused, http_get, wait_for
 
 EOS_TOKEN_ID = 1  # the default model's </s>
 MODEL = "vllm-exporter-default"
@@ -87,17 +87,6 @@ async def _aborted_stream(client, prompt: str, after_chunks: int) -> int:
             break
     await chunks.close()
     return received
-
-
-async def _abandoned_request(client, prompt: str) -> str:
-    """A non-streamed request whose client gives up after 1 s. vLLM cancels such a request
-    as soon as its connection closes."""
-    try:
-        await client.with_options(timeout=1.0).completions.create(
-            model=MODEL, prompt=prompt, max_tokens=16)
-    except openai.APITimeoutError:
-        return "abandoned"
-    return "finished"
 
 
 async def _completed_load(client, ledger: Ledger) -> None:
@@ -227,7 +216,8 @@ def test_client_aborts_are_counted_and_gauges_return_to_zero(daemon):
     with engine_paused(daemon.process.pid):
         async def give_up() -> list[str]:
             fresh = _client(daemon)  # the first client's connections died with their loop
-            return await asyncio.gather(*[_abandoned_request(fresh, f"give up {i}")
+            return await asyncio.gather(*[abandoned_request(fresh, MODEL, f"give up {i}",
+                                                            timeout=1.0, max_tokens=16)
                                           for i in range(abandoned)])
 
         assert asyncio.run(give_up()) == ["abandoned"] * abandoned

@@ -9,17 +9,17 @@ from the live data (bench/render_dashboards.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from dataclasses import dataclass
 import re
 import sys
-import threading
 import time
 from argparse import Namespace
 from pathlib import Path
 
-import httpx
+import openai
 import pytest
 import yaml
 
@@ -31,7 +31,7 @@ from exporter.dashboards.inspect import (PROMETHEUS_SERIES, iter_panels, iter_ro
                                          variable_metric, variable_queries)
 from exporter.docs import all_families
 from fixtures_prometheus import PROMETHEUS, Load, Prometheus, serve_fake_gpu, start_prometheus
-from helpers import engine_paused, wait_for
+from helpers import abandoned_request, engine_paused, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = ROOT / "grafana" / "dashboards"
@@ -231,16 +231,6 @@ def _escape(value: str) -> str:
     return re.sub(r"([.\\+*?^$()\[\]{}|])", r"\\\\\1", value)
 
 
-def _give_up(api_url: str, model: str, outcomes: list[str]) -> None:
-    """A request whose client gives up after 1 s (the engine is paused: it cannot finish)."""
-    try:
-        httpx.post(api_url + "/v1/completions", timeout=1.0,
-                   json={"model": model, "prompt": "never mind", "max_tokens": 8})
-        outcomes.append("finished")
-    except httpx.TimeoutException:
-        outcomes.append("abandoned")
-
-
 @dataclass
 class Live:
     prom: Prometheus
@@ -278,16 +268,16 @@ def live(daemon, tmp_path_factory):
         time.sleep(max(0.0, started + seconds - time.time()))  # every rate window filled
         # Aborts for certain (the load's own depend on timing): clients that give up while the
         # engine core is paused.
-        outcomes: list[str] = []
+        async def give_up() -> list[str]:
+            client = openai.AsyncOpenAI(base_url=daemon.api_url + "/v1", api_key="unused",
+                                        max_retries=0)
+            return await asyncio.gather(*[abandoned_request(client, daemon.model, "never mind",
+                                                            timeout=1.0, max_tokens=8)
+                                          for _ in range(2)])
+
         with engine_paused(daemon.process.pid):
-            give_up = [threading.Thread(target=_give_up,
-                                        args=(daemon.api_url, daemon.model, outcomes))
-                       for _ in range(2)]
-            for thread in give_up:
-                thread.start()
-            for thread in give_up:
-                thread.join(30)
-        assert outcomes == ["abandoned"] * 2
+            assert asyncio.run(give_up()) == ["abandoned"] * 2
+        load.aborted += 2  # the load's own give-ups may all finish first on a warm engine
         wait_for(lambda: prom.query(f'sum(increase(vllm_requests_aborted_total{{job="{JOB}"}}'
                                     f'[{RATE_INTERVAL}])) > 0'), 60, 1,
                  "this load's aborts to show in Prometheus")

@@ -31,7 +31,7 @@ from alerting_fixtures import (ALERTMANAGER, ManagedProcess, WebhookReceiver,
                                make_alertmanager)
 from conftest import Daemon, daemon_config, start_daemon, stop_process_group
 from exporter.default_model import ensure_default_model
-from helpers import Samples, engine_core_pids, free_port, wait_for
+from helpers import Samples, engine_core_pids, engine_paused, free_port, wait_for
 from lora_adapter import make_adapter
 from pki import Pki, make_pki, tls_client, write_web_config
 
@@ -137,42 +137,36 @@ def test_lora_adapters_get_their_own_series_from_the_real_engine(secured):
     requests = [threading.Thread(target=lambda m=m: statuses.append(
         complete(d.api_url, API_AUTH, m, max_tokens=480).status_code))
         for m, n in sent.items() for _ in range(n)]
-    engine = engine_core_pids(d.process.pid)
 
     def adapters(s: Samples, family: str) -> dict[str, float]:
         return {labels["adapter"]: value for labels, value in s.series(family)}
 
-    for pid in engine:
-        os.kill(pid, signal.SIGSTOP)
     try:
-        for thread in requests:
-            thread.start()
-        wait_for(lambda: d.scrape().get("vllm_frontend_requests_unfinished") == len(requests),
-                 60, 0.2, "every request to reach the front end")
-        for _ in range(50):  # slices until the engine has scheduled the batch
-            for pid in engine:
-                os.kill(pid, signal.SIGCONT)
-            time.sleep(0.1)
-            for pid in engine:
-                os.kill(pid, signal.SIGSTOP)
-            time.sleep(0.3)  # the last step's statistics reach the front end
-            s = d.scrape()
-            if s.get("vllm_requests_running") > 0:
-                break
-        running = adapters(s, "vllm_lora_requests_running")
-        waiting = adapters(s, "vllm_lora_requests_waiting")
-        # The batch is full (max_num_seqs) and holds both adapters' requests; the other 8
-        # wait. vLLM lists a waiting request under its adapter only once the engine has
-        # reported on it (a preemption), so these 8 show in vllm_requests_waiting only.
-        assert sum(running.values()) == s.get("vllm_requests_running") == 32, running
-        assert s.get("vllm_requests_waiting") == len(requests) - 32
-        assert all(0 < running[name] <= n for name, n in sent.items()), running
-        assert all(running[name] + waiting[name] <= n for name, n in sent.items()), waiting
+        with engine_paused(d.process.pid) as engine:
+            for thread in requests:
+                thread.start()
+            wait_for(lambda: d.scrape().get("vllm_frontend_requests_unfinished") ==
+                     len(requests), 60, 0.2, "every request to reach the front end")
+            for _ in range(50):  # slices until the engine has scheduled the batch
+                for sig in (signal.SIGCONT, signal.SIGSTOP):
+                    for pid in engine:
+                        os.kill(pid, sig)
+                    time.sleep(0.1 if sig == signal.SIGCONT else 0.3)  # stats reach the front end
+                s = d.scrape()
+                if s.get("vllm_requests_running") > 0:
+                    break
     finally:
-        for pid in engine:
-            os.kill(pid, signal.SIGCONT)
         for thread in requests:
             thread.join(180)
+    running = adapters(s, "vllm_lora_requests_running")
+    waiting = adapters(s, "vllm_lora_requests_waiting")
+    # The batch is full (max_num_seqs) and holds both adapters' requests; the other 8 wait.
+    # vLLM lists a waiting request under its adapter only once the engine has reported on it
+    # (a preemption), so these 8 show in vllm_requests_waiting only.
+    assert sum(running.values()) == s.get("vllm_requests_running") == 32, running
+    assert s.get("vllm_requests_waiting") == len(requests) - 32
+    assert all(0 < running[name] <= n for name, n in sent.items()), running
+    assert all(running[name] + waiting[name] <= n for name, n in sent.items()), waiting
     assert statuses == [200] * len(requests)
 
     def idle() -> set[float]:
