@@ -1,15 +1,23 @@
-"""End-to-end overhead and scrape latency, in one run.
+"""End-to-end overhead and scrape latency, side by side in one run: the daemon against vLLM alone.
 
-Two servers run side by side on the embedded default model: the daemon (vLLM's server with our
-stat logger) and vLLM's own OpenAI server with no plugin loaded (VLLM_PLUGINS=none). The same
-workload runs against each in turn, interleaved, `--reps` times (after one warm-up round), with
-the other server paused; the script prints the median output throughput of each and their
-ratio (target >= 0.98).
+Two servers on the same model: the daemon (vLLM's server with our stat logger; our /metrics is
+served by the separate metrics process) and vLLM's own OpenAI server with no plugin loaded. The
+same closed-loop workload (streaming completions, usage included) runs against each in turn,
+interleaved, `--reps` times after a warm-up round, at each `--concurrency`; the script prints
+output throughput and client TTFT p50 of each and their ratios (targets: throughput >= 0.995 x
+vLLM alone, TTFT p50 within 1 %).
 
-While the workload runs against the daemon, a scraper GETs our /metrics and vLLM's own /metrics
-(on the daemon's API port) alternately and prints p50/p99 for both (target: ours p99 <= 5 ms).
+Then, under the same load against the daemon, a separate scraper process GETs our /metrics and
+vLLM's own /metrics (on the daemon's API port) alternately and prints p50/p99 of both (target:
+ours p99 <= 5 ms on the GPU machine), our render time per scrape (target <= 1 ms) and our stat
+logger's time per engine step, both read from the daemon's own counters.
 
-    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python bench/bench_overhead.py [--reps 5] [--requests 48]
+On this machine (the embedded default model, both servers started here; the idle one is paused
+so it takes no CPU from the measured one):
+    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python bench/bench_overhead.py [--reps 3]
+On the GPU machine, against servers already running (docs/performance.md has the commands):
+    python bench/bench_overhead.py --attach 8000 9410 8001 --model /tmp/llama2-7b-shape \\
+        --prompt-words 200 --max-tokens 128 --concurrency 64 256 --requests 512
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import multiprocessing
 import os
 import signal
 import statistics
@@ -31,9 +41,14 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers import free_port, wait_for  # noqa: E402
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop_all(processes: list[subprocess.Popen]) -> None:
@@ -50,36 +65,17 @@ def stop_all(processes: list[subprocess.Popen]) -> None:
 def start(cmd: list[str], env: dict, log: Path, ready_url: str) -> subprocess.Popen:
     process = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env,
                                cwd=ROOT, start_new_session=True)
-
-    def ready() -> bool:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{cmd[:3]} exited: {log.read_text()[-3000:]}")
         try:
-            return httpx.get(ready_url, timeout=2).status_code == 200
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return process
         except httpx.HTTPError:
-            return False
-
-    wait_for(ready, 600, interval=1, what=ready_url)
-    return process
-
-
-async def workload(api_url: str, model: str, requests: int, concurrency: int,
-                   max_tokens: int) -> float:
-    """Output tokens per second for `requests` completions at fixed concurrency."""
-    semaphore = asyncio.Semaphore(concurrency)
-    tokens = 0
-    async with httpx.AsyncClient(timeout=120) as client:
-        async def one(i: int) -> None:
-            nonlocal tokens
-            async with semaphore:
-                response = await client.post(api_url + "/v1/completions", json={
-                    "model": model, "prompt": f"overhead benchmark request number {i} " * 3,
-                    "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0})
-                tokens += response.json()["usage"]["completion_tokens"]
-
-        started = time.perf_counter()
-        await asyncio.gather(*[one(i) for i in range(requests)])
-        return tokens / (time.perf_counter() - started)
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{ready_url} not ready after 600 s")
 
 
 class Workers:
@@ -106,22 +102,6 @@ class Workers:
         raise NotImplementedError
 
 
-class Scraper(threading.Thread):
-    def __init__(self, urls: dict[str, str]):
-        super().__init__(daemon=True)
-        self.urls, self.times = urls, {name: [] for name in urls}
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        with httpx.Client(timeout=10) as client:
-            while not self.stop.is_set():
-                for name, url in self.urls.items():
-                    started = time.perf_counter()
-                    client.get(url).raise_for_status()
-                    self.times[name].append((time.perf_counter() - started) * 1e3)
-                time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def paused(processes: list[subprocess.Popen]):
     for process in processes:
@@ -133,12 +113,60 @@ def paused(processes: list[subprocess.Popen]):
             os.killpg(process.pid, signal.SIGCONT)
 
 
-def scrape_render_seconds(url: str) -> float:
-    from helpers import scrape
+# --- the workload ------------------------------------------------------------------------------
 
-    samples = scrape(url)
-    count = samples.get("vllm_exporter_scrape_duration_seconds_count")
-    return samples.get("vllm_exporter_scrape_duration_seconds_sum") / count if count else 0.0
+async def workload(api_url: str, model: str, requests: int, concurrency: int, prompt_words: int,
+                   max_tokens: int) -> dict:
+    """Output tokens/s (from the responses' usage) and client TTFT of streaming completions."""
+    semaphore = asyncio.Semaphore(concurrency)
+    tokens, ttfts, failed = 0, [], 0
+    limits = httpx.Limits(max_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def one(i: int) -> None:
+            nonlocal tokens, failed
+            words = " ".join(f"w{(i * 7 + k) % 997}" for k in range(prompt_words))
+            payload = {"model": model, "prompt": words, "max_tokens": max_tokens,
+                       "ignore_eos": True, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}
+            async with semaphore:
+                sent = time.perf_counter()
+                first = None
+                async with client.stream("POST", api_url + "/v1/completions",
+                                         json=payload) as response:
+                    if response.status_code != 200:
+                        failed += 1
+                        return
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        chunk = json.loads(line[6:])
+                        if first is None and chunk.get("choices"):
+                            first = time.perf_counter() - sent
+                        if chunk.get("usage"):
+                            tokens += chunk["usage"]["completion_tokens"]
+                if first is not None:
+                    ttfts.append(first)
+
+        started = time.perf_counter()
+        await asyncio.gather(*[one(i) for i in range(requests)])
+        elapsed = time.perf_counter() - started
+    return {"tok_s": tokens / elapsed, "ttft_p50_ms": statistics.median(ttfts) * 1e3,
+            "failed": failed}
+
+
+# --- the scraper, in a process of its own ------------------------------------------------------
+
+def scrape_loop(urls: dict[str, str], stop, interval: float, out) -> None:
+    """GET each URL in turn until `stop` is set; send {name: [milliseconds]} back."""
+    times: dict[str, list[float]] = {name: [] for name in urls}
+    with httpx.Client(timeout=30) as client:
+        while not stop.is_set():
+            for name, url in urls.items():
+                started = time.perf_counter()
+                client.get(url).raise_for_status()
+                times[name].append((time.perf_counter() - started) * 1e3)
+            time.sleep(interval)
+    out.send(times)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -146,79 +174,132 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=48)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    args = parser.parse_args()
+def daemon_costs(metrics_url: str) -> tuple[float, float]:
+    """(mean render seconds per scrape, mean stat-logger seconds per record) so far."""
+    from prometheus_client.parser import text_string_to_metric_families
 
+    values = {}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=30).text):
+        for sample in family.samples:
+            values.setdefault(sample.name, sample.value)
+    render = values["vllm_exporter_scrape_duration_seconds_sum"] / max(
+        1.0, values["vllm_exporter_scrape_duration_seconds_count"])
+    record = values["vllm_exporter_stat_logger_seconds_total"] / max(
+        1.0, values["vllm_exporter_stat_logger_records_total"])
+    return render, record
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def start_servers(tmp: Path) -> tuple[dict[str, str], str, list[subprocess.Popen], str]:
     from exporter.default_model import SERVED_NAME, ensure_default_model
 
     model_dir = str(ensure_default_model())
-    tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     ours_api, ours_metrics, theirs_api = free_port(), free_port(), free_port()
     config = tmp / "daemon.yaml"
     config.write_text(yaml.safe_dump({
         "engine": {"max_model_len": 512}, "api": {"port": ours_api},
         "metrics": {"port": ours_metrics}}))
-    processes = []
-    try:
-        processes.append(start([sys.executable, "-m", "exporter", "serve", "--config", str(config)],
-                               env, tmp / "daemon.log",
-                               f"http://127.0.0.1:{ours_metrics}/-/ready"))
-        processes.append(start(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-             "--served-model-name", SERVED_NAME, "--max-model-len", "512",
-             "--host", "127.0.0.1", "--port", str(theirs_api)],
-            dict(env, VLLM_PLUGINS="none"), tmp / "vllm.log",
-            f"http://127.0.0.1:{theirs_api}/health"))
-        targets = {"vllm-exporter daemon": f"http://127.0.0.1:{ours_api}",
-                   "vLLM server, no plugin": f"http://127.0.0.1:{theirs_api}"}
-        groups = dict(zip(targets, processes))
-        results: dict[str, list[float]] = {name: [] for name in targets}
-        for rep in range(args.reps + 1):  # rep 0 warms both up and is not counted
-            order = list(targets.items()) if rep % 2 == 0 else list(reversed(targets.items()))
-            for name, url in order:
-                # The other server is paused (SIGSTOP on its process group): on a small machine
-                # its idle threads would otherwise take CPU from the one being measured.
-                with paused([p for n, p in groups.items() if n != name]):
-                    tokens_per_second = asyncio.run(workload(
-                        url, SERVED_NAME, args.requests, args.concurrency, args.max_tokens))
-                if rep:
-                    results[name].append(tokens_per_second)
-        # Scrape latency: a separate pass under the same load, so scraping does not tilt the
-        # throughput comparison above.
-        scraper = Scraper({"ours /metrics": f"http://127.0.0.1:{ours_metrics}/metrics",
-                           "vLLM /metrics": f"http://127.0.0.1:{ours_api}/metrics"})
-        scraper.start()
-        with paused([groups["vLLM server, no plugin"]]):
-            asyncio.run(workload(targets["vllm-exporter daemon"], SERVED_NAME, args.requests * 2,
-                                 args.concurrency, args.max_tokens))
-        scraper.stop.set()
-        scraper.join(10)
+    processes = [
+        start([sys.executable, "-m", "exporter", "serve", "--config", str(config)], env,
+              tmp / "daemon.log", f"http://127.0.0.1:{ours_metrics}/-/ready"),
+        start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+               "--served-model-name", SERVED_NAME, "--max-model-len", "512",
+               "--host", "127.0.0.1", "--port", str(theirs_api)],
+              dict(env, VLLM_PLUGINS="none"), tmp / "vllm.log",
+              f"http://127.0.0.1:{theirs_api}/health")]
+    urls = {"daemon": f"http://127.0.0.1:{ours_api}", "vLLM alone": f"http://127.0.0.1:{theirs_api}"}
+    return urls, f"http://127.0.0.1:{ours_metrics}/metrics", processes, SERVED_NAME
 
-        print(f"workload: {args.requests} requests x {args.max_tokens} tokens, concurrency "
-              f"{args.concurrency}, {args.reps} interleaved reps")
-        print(f"{'server':<26}{'median tok/s':>14}{'min':>10}{'max':>10}")
-        medians = {}
-        for name, values in results.items():
-            medians[name] = statistics.median(values)
-            print(f"{name:<26}{medians[name]:>14.1f}{min(values):>10.1f}{max(values):>10.1f}"
-                  f"   reps: {' '.join(f'{v:.0f}' for v in values)}")
-        ratio = medians["vllm-exporter daemon"] / medians["vLLM server, no plugin"]
-        pairs = [a / b for a, b in zip(*results.values())]
-        print(f"throughput ratio daemon/vLLM: {ratio:.3f} (target >= 0.98); per-rep pair ratios: "
-              f"{' '.join(f'{r:.2f}' for r in pairs)}")
-        render = scrape_render_seconds(f"http://127.0.0.1:{ours_metrics}/metrics")
-        print(f"our render time (vllm_exporter_scrape_duration_seconds mean): {render * 1e3:.2f} ms")
-        print(f"{'scrape (under load)':<26}{'n':>6}{'p50 ms':>10}{'p99 ms':>10}")
-        for name, values in scraper.times.items():
-            print(f"{name:<26}{len(values):>6}{percentile(values, 0.5):>10.2f}"
-                  f"{percentile(values, 0.99):>10.2f}")
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attach", nargs=3, type=int, metavar=("API", "METRICS", "VLLM_API"),
+                        help="use running servers: the daemon's API and metrics ports, and "
+                             "vLLM alone's API port (nothing is started or paused)")
+    parser.add_argument("--model", help="served model name (default: the embedded model)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16])
+    parser.add_argument("--prompt-words", type=int, default=24)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--scrape-interval", type=float, default=0.05)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+
+    processes: list[subprocess.Popen] = []
+    if args.attach:
+        api, metrics, theirs = args.attach
+        urls = {"daemon": f"http://127.0.0.1:{api}", "vLLM alone": f"http://127.0.0.1:{theirs}"}
+        metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+        model = args.model
+    else:
+        urls, metrics_url, processes, model = start_servers(
+            Path(tempfile.mkdtemp(prefix="bench-overhead-")))
+        model = args.model or model
+    groups = dict(zip(urls, processes))
+    report: dict = {"workload": vars(args), "load": {}, "scrapes": {}}
+    try:
+        for concurrency in args.concurrency:
+            results: dict[str, list[dict]] = {name: [] for name in urls}
+            for rep in range(args.reps + 1):  # rep 0 warms both up and is not counted
+                order = list(urls.items()) if rep % 2 == 0 else list(reversed(urls.items()))
+                for name, url in order:
+                    others = [p for n, p in groups.items() if n != name]
+                    with paused(others):
+                        result = asyncio.run(workload(url, model, args.requests, concurrency,
+                                                      args.prompt_words, args.max_tokens))
+                    if rep:
+                        results[name].append(result)
+            report["load"][concurrency] = results
+            print(f"\nconcurrency {concurrency}: {args.requests} requests, {args.prompt_words} "
+                  f"prompt words, {args.max_tokens} tokens out, {args.reps} interleaved reps")
+            print(f"{'server':<14}{'tok/s median':>14}{'min':>10}{'max':>10}"
+                  f"{'TTFT p50 ms':>14}{'failed':>8}")
+            medians = {}
+            for name, reps in results.items():
+                tok = [r["tok_s"] for r in reps]
+                ttft = statistics.median(r["ttft_p50_ms"] for r in reps)
+                medians[name] = (statistics.median(tok), ttft)
+                print(f"{name:<14}{medians[name][0]:>14.1f}{min(tok):>10.1f}{max(tok):>10.1f}"
+                      f"{ttft:>14.1f}{sum(r['failed'] for r in reps):>8}")
+            print(f"ratio daemon / vLLM alone: throughput "
+                  f"{medians['daemon'][0] / medians['vLLM alone'][0]:.4f} (target >= 0.995), "
+                  f"TTFT p50 {medians['daemon'][1] / medians['vLLM alone'][1]:.4f} "
+                  f"(target within 1 %)")
+
+        # Scrape latency under the largest load, from a process of its own (a scraper thread
+        # here would share the load generator's GIL).
+        concurrency = max(args.concurrency)
+        context = multiprocessing.get_context("spawn")
+        receive, send = context.Pipe(duplex=False)
+        stop = context.Event()
+        scrape_urls = {"ours /metrics": metrics_url, "vLLM's /metrics": urls["daemon"] + "/metrics"}
+        with paused([p for n, p in groups.items() if n != "daemon"]):
+            scraper = context.Process(target=scrape_loop,
+                                      args=(scrape_urls, stop, args.scrape_interval, send))
+            scraper.start()
+            asyncio.run(workload(urls["daemon"], model, args.requests, concurrency,
+                                 args.prompt_words, args.max_tokens))
+            stop.set()
+            times = receive.recv()
+            scraper.join(30)
+        render, record = daemon_costs(metrics_url)
+        report["scrapes"] = times
+        report["render_ms"], report["stat_logger_us"] = render * 1e3, record * 1e6
+        print(f"\nscrapes under load (concurrency {concurrency}), from a separate process")
+        print(f"{'endpoint':<18}{'n':>6}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
+        for name, values in times.items():
+            print(f"{name:<18}{len(values):>6}{percentile(values, 0.5):>10.2f}"
+                  f"{percentile(values, 0.99):>10.2f}{max(values):>10.2f}")
+        print(f"our render time per scrape (mean, vllm_exporter_scrape_duration_seconds): "
+              f"{render * 1e3:.3f} ms (target <= 1 ms)")
+        print(f"our stat logger per engine step (mean, vllm_exporter_stat_logger_seconds_total "
+              f"/ records): {record * 1e6:.1f} us")
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     finally:
         stop_all(processes)
 

@@ -25,14 +25,14 @@ def capture(requests: int):
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
-    from exporter import runtime as runtime_module
+    from exporter import frontend as frontend_module
     from exporter.config import load_config
     from exporter.default_model import ensure_default_model
     from exporter.runtime import Runtime
 
     # Our plugin entry point loads into every AsyncLLM: give it a runtime on a free port.
     rt = Runtime(load_config(None, {"metrics.port": 0, "gpu.enabled": False}), mode="daemon")
-    runtime_module.install(rt)
+    frontend_module.install(rt.frontend)
     captured: list = []
 
     class Capture(AggregateStatLoggerBase):
@@ -60,7 +60,7 @@ def capture(requests: int):
     asyncio.run(workload())
     vllm_config = engine.vllm_config
     engine.shutdown()
-    runtime_module.install(None)
+    frontend_module.install(None)
     rt.stop()
     return vllm_config, captured
 
@@ -88,13 +88,13 @@ def main() -> None:
 
     from vllm.v1.metrics.loggers import PrometheusStatLogger
 
-    from exporter import runtime as runtime_module
+    from exporter import frontend as frontend_module
     from exporter.config import load_config
     from exporter.plugin import ExporterStatLogger
     from exporter.runtime import Runtime
 
     rt = Runtime(load_config(None, {"gpu.enabled": False}), mode="daemon")
-    runtime_module.install(rt)
+    frontend_module.install(rt.frontend)
     ours = ExporterStatLogger(vllm_config, engine_indexes=[0])
     theirs = PrometheusStatLogger(vllm_config, engine_indexes=[0])
     ours_us, theirs_us = [], []

@@ -25,7 +25,8 @@ ENGINE_OPTIONS: tuple[tuple[str, type], ...] = (
     ("kv_cache_dtype", str), ("gpu_memory_utilization", float), ("max_model_len", int),
     ("max_num_seqs", int), ("max_num_batched_tokens", int), ("block_size", int),
     ("enable_prefix_caching", bool), ("enable_chunked_prefill", bool),
-    ("tensor_parallel_size", int), ("pipeline_parallel_size", int), ("seed", int),
+    ("tensor_parallel_size", int), ("pipeline_parallel_size", int),
+    ("data_parallel_size", int), ("api_server_count", int), ("seed", int),
 )
 
 SERVE_EPILOG = """examples:
@@ -101,6 +102,8 @@ def config_from_args(args: argparse.Namespace):
         if not sep or not key:
             raise ConfigError("command line", "--engine-arg", f"expected KEY=VALUE, got {item!r}")
         config.engine.extra_args[key.strip()] = yaml.safe_load(value)
+    for field, problem in config.engine.topology_problems():
+        raise ConfigError("command line", f"engine.{field}", problem)
     return config
 
 

@@ -24,6 +24,10 @@ from .slo import SloConfig
 
 DEFAULT_API_PORT = 8000
 DEFAULT_METRICS_PORT = 9410
+# Plugin mode (vLLM's own server) reads its configuration from the environment.
+ENV_CONFIG = "VLLM_EXPORTER_CONFIG"
+ENV_METRICS_HOST = "VLLM_EXPORTER_METRICS_HOST"
+ENV_METRICS_PORT = "VLLM_EXPORTER_METRICS_PORT"
 
 
 class ConfigError(Exception):
@@ -52,6 +56,11 @@ class EngineConfig:
     enable_chunked_prefill: bool | None = None
     tensor_parallel_size: int | None = None
     pipeline_parallel_size: int | None = None
+    # Data-parallel engine ranks, and API-server processes in front of them (vLLM's default:
+    # one per data-parallel rank). Several API servers run as vLLM's own launcher runs them,
+    # one shared metrics endpoint for all (docs/topologies.md).
+    data_parallel_size: int | None = None
+    api_server_count: int | None = None
     seed: int | None = None
     # Any other vLLM engine or server argument, by its vLLM name (dashes or underscores).
     extra_args: dict[str, Any] = field(default_factory=dict)
@@ -62,16 +71,41 @@ class EngineConfig:
         if gmu is not None and not 0 < gmu <= 1:
             out.append(("gpu_memory_utilization", f"must be in (0, 1], got {gmu}"))
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "tensor_parallel_size", "pipeline_parallel_size"):
+                     "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                     "api_server_count"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 out.append((name, f"must be a positive integer, got {value}"))
+        out += self.topology_problems()
         if self.model is not None and _looks_like_path(self.model):
             path = Path(self.model).expanduser()
             if not path.is_dir():
                 out.append(("model", f"model directory {self.model} does not exist"))
             elif not (path / "config.json").is_file():
                 out.append(("model", f"{self.model} has no config.json: not a model directory"))
+        return out
+
+    def topology_problems(self) -> list[tuple[str, str]]:
+        """Process topologies the daemon cannot run, refused before anything starts."""
+        out = []
+        extra = {key.replace("-", "_"): value for key, value in self.extra_args.items()}
+        for name in ("api_server_count", "data_parallel_size"):
+            if name in extra:
+                out.append((f"extra_args.{name}", f"set engine.{name} instead (the daemon "
+                            "starts one metrics endpoint for all its processes from it)"))
+        if extra.get("headless"):
+            out.append(("extra_args.headless", "a headless vLLM serves no API; run it with "
+                        "`vllm serve --headless` beside a daemon that serves the API"))
+        local = extra.get("data_parallel_size_local")
+        if isinstance(local, int) and self.data_parallel_size is not None \
+                and local > self.data_parallel_size:
+            out.append(("extra_args.data_parallel_size_local",
+                        f"{local} local ranks exceed data_parallel_size {self.data_parallel_size}"))
+        external = extra.get("data_parallel_external_lb") or \
+            extra.get("data_parallel_rank") is not None
+        if external and (self.api_server_count or 1) > 1:
+            out.append(("api_server_count", "external load balancing runs one API server per "
+                        "rank; api_server_count must be 1 (or unset) with it"))
         return out
 
 
@@ -312,3 +346,17 @@ def _type_name(value: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
             int: "an integer", float: "a number", type(None): "null"}.get(type(value),
                                                                          type(value).__name__)
+
+
+def config_from_environment() -> Config:
+    """Plugin mode's config: the file VLLM_EXPORTER_CONFIG names (or the defaults), with
+    VLLM_EXPORTER_METRICS_HOST / VLLM_EXPORTER_METRICS_PORT over it."""
+    overrides: dict[str, Any] = {}
+    if os.environ.get(ENV_METRICS_HOST):
+        overrides["metrics.host"] = os.environ[ENV_METRICS_HOST]
+    if os.environ.get(ENV_METRICS_PORT):
+        port = os.environ[ENV_METRICS_PORT]
+        if not port.isdigit():
+            raise ConfigError(ENV_METRICS_PORT, "metrics.port", f"must be a port number, got {port!r}")
+        overrides["metrics.port"] = int(port)
+    return load_config(os.environ.get(ENV_CONFIG) or None, overrides)

@@ -1,33 +1,52 @@
-"""Daemon lifecycle: validate, bind both ports, start the engine, serve, shut down.
+"""Daemon lifecycle: validate, start the metrics process, bind the API port, start the engine,
+serve, shut down.
 
 Order matters for the operator: everything that can be checked without the engine (config,
-model path, vLLM's own argument validation, both ports) is checked first, so bad input ends the
-start with exit code 2 and a precise message before a model loads.
+model path, topology, vLLM's own argument validation, both ports) is checked first, so bad input
+ends the start with exit code 2 and a precise message before a model loads.
+
+Processes: the daemon runs vLLM's API server and AsyncLLM in its own process (one API server),
+or vLLM's own launcher (several API servers, data-parallel ranks; docs/topologies.md). Every
+process that runs an AsyncLLM writes its metrics into a shard; the metrics process
+(metrics_process.py), started first, alone serves the metrics port, so scrapes never share a
+GIL with a front end.
 
 Exit codes: 0 after SIGTERM/SIGINT (in-flight requests drained up to the shutdown timeout, then
 aborted); 1 when the engine died (the metrics port first answers `vllm_engine_up 0` for
-`daemon.exit_delay_seconds` so Prometheus records the outage); 2 for bad input.
+`daemon.exit_delay_seconds`, and the alerts go out, so Prometheus and Alertmanager record the
+outage); 2 for bad input.
 
-SIGHUP re-reads the metrics port's web config file (TLS, basic auth); the engine is untouched,
-and an invalid file leaves the previous configuration active (docs/security.md).
+SIGHUP re-reads the metrics port's web config file (TLS, basic auth) in the metrics process;
+the engine is untouched, and an invalid file leaves the previous configuration active
+(docs/security.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.metadata
 import json
 import logging
 import os
+import select
+import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
-from . import runtime as runtime_module
+import yaml
+
+from . import frontend as frontend_module
+from . import metrics_process
 from .config import Config, ConfigError
 from .default_model import SERVED_NAME, ensure_default_model
+from .shard import default_shard_root
 
 log = logging.getLogger("exporter.daemon")
 
@@ -37,8 +56,10 @@ EXIT_OK, EXIT_ENGINE_DIED, EXIT_BAD_INPUT = 0, 1, 2
 ENGINE_FLAGS = (
     "quantization", "dtype", "kv_cache_dtype", "gpu_memory_utilization", "max_model_len",
     "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
-    "enable_chunked_prefill", "tensor_parallel_size", "pipeline_parallel_size", "seed",
+    "enable_chunked_prefill", "tensor_parallel_size", "pipeline_parallel_size",
+    "data_parallel_size", "api_server_count", "seed",
 )
+METRICS_PROCESS_START_SECONDS = 60.0
 
 
 PROFILE_GUARD = "exporter.tuning.profile_guard.ProfileGuard"
@@ -86,69 +107,136 @@ def resolve_model(config: Config) -> tuple[str, str]:
     return config.engine.model, config.engine.served_model_name or config.engine.model
 
 
+def several_processes(config: Config) -> bool:
+    """Whether vLLM's own launcher runs the front end (several API servers or engine ranks)
+    rather than this process alone."""
+    engine = config.engine
+    if engine.api_server_count == 1:
+        return False
+    return (engine.api_server_count or 1) > 1 or (engine.data_parallel_size or 1) > 1
+
+
 def serve(config: Config, alerts: Any = None) -> int:
-    """Run until stopped; `alerts` is what alerts.prepare_alerts(config) returned."""
-    rt = runtime_module.Runtime(config, mode="daemon", vllm_version=installed_vllm_version())
+    """Run until stopped; `alerts` (what alerts.prepare_alerts(config) returned) is validated
+    here and evaluated in the metrics process."""
+    shard_dir = Path(default_shard_root()) / f"vllm-exporter-daemon-{os.getpid()}"
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    shard_dir.mkdir(parents=True)
+    metrics = None
     try:
-        rt.bind_metrics_port()
-    except OSError as exc:
-        raise _port_error("metrics", config.metrics.host, config.metrics.port, exc) from None
-    _install_reload_handler(rt)  # from here on SIGHUP reloads instead of ending the process
+        write_config(config, shard_dir / metrics_process.CONFIG_NAME)
+        metrics, metrics_port = _start_metrics_process(shard_dir)
+        return _serve(config, shard_dir, metrics, metrics_port)
+    finally:
+        if metrics is not None:
+            _stop_process(metrics)
+        shutil.rmtree(shard_dir, ignore_errors=True)
+
+
+def _serve(config: Config, shard_dir: Path, metrics: subprocess.Popen, metrics_port: int) -> int:
+    _forward_sighup(metrics)  # from here on SIGHUP reloads instead of ending the process
     # vLLM's API server imports model_hosting_container_standards, which at import sets the
     # root logger and its handlers to $SAGEMAKER_CONTAINER_LOG_LEVEL (default ERROR), silencing
     # every INFO/WARNING line of ours after start-up (reloads included). Keep our level.
     os.environ.setdefault("SAGEMAKER_CONTAINER_LOG_LEVEL", config.daemon.log_level.upper())
+    # vLLM's API-server processes (several_processes) load our stat logger from the entry
+    # point and find the shard directory here.
+    os.environ[metrics_process.ENV_SHARD_DIR] = str(shard_dir)
+    fe = frontend_module.Frontend(config, str(shard_dir), role="daemon")
+    fe.serving_when_initialized = False  # serving when vLLM's /health answers
+    frontend_module.install(fe)
     try:
         _probe_port(config.api.host, config.api.port)
-        listen_address, sock, args = _prepare_engine_args(config)
-    except BaseException:
-        rt.stop()
-        raise
-    rt.model = config.engine.served_model_name
-    rt.set_engine_state("starting")
-    rt.start()
-    runtime_module.install(rt)
-    if alerts is not None:
-        alerts.start(rt)
-    try:
+        several = several_processes(config)
+        listen_address, sock, args = _prepare_engine_args(config, bind=not several)
+        fe.model = config.engine.served_model_name
+        fe.set_engine_state("starting")
+        fe.start()
+        if several:
+            return _run_launcher(fe, args, metrics_port)
         from .plugin import ExporterStatLogger
 
-        return asyncio.run(_run(rt, args, listen_address, sock, ExporterStatLogger, alerts))
+        try:
+            return asyncio.run(_run(fe, args, listen_address, sock, ExporterStatLogger,
+                                    metrics_port))
+        finally:
+            sock.close()
     except KeyboardInterrupt:
         log.info("interrupted during start-up")
         return EXIT_OK
     finally:
-        sock.close()
-        if alerts is not None:
-            alerts.stop()
-        rt.stop()
-        runtime_module.install(None)
+        fe.stop()
+        frontend_module.install(None)
 
 
-def _install_reload_handler(rt: runtime_module.Runtime) -> None:
-    """SIGHUP -> reload the web config. vLLM's server handles only SIGINT/SIGTERM, so a handler
-    set here in the main thread stays in place. The handler only starts a thread: reading files
-    and logging inside a signal handler could deadlock on a lock the interrupted code holds."""
+def write_config(config: Config, path: Path) -> None:
+    """The effective config (file and flags merged), for the metrics process and vLLM's
+    API-server processes."""
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=True))
+
+
+def _start_metrics_process(shard_dir: Path) -> tuple[subprocess.Popen, int]:
+    """Start the metrics process and wait for its port: a port in use is bad input (exit 2)."""
+    lock = metrics_process.try_lock(shard_dir)
+    assert lock is not None, "a fresh shard directory is locked"
+    read_end, write_end = os.pipe()
+    try:
+        process = metrics_process.spawn(shard_dir, lock, "daemon", os.getpid(),
+                                        ready_fd=write_end,
+                                        config_file=str(shard_dir / metrics_process.CONFIG_NAME))
+    finally:
+        os.close(lock)
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        ready, _, _ = select.select([pipe], [], [], METRICS_PROCESS_START_SECONDS)
+        line = pipe.readline().decode().strip() if ready else ""
+    if line.startswith("ok "):
+        return process, int(line.split()[1])
+    _stop_process(process)
+    problem = line.removeprefix("error: ") or "the metrics process did not start"
+    if problem.startswith("cannot listen"):
+        raise ConfigError("metrics", "metrics.port", problem)
+    raise StartupError(problem)
+
+
+def _stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _forward_sighup(metrics: subprocess.Popen) -> None:
+    """SIGHUP -> the metrics process reloads its web config. vLLM's server handles only
+    SIGINT/SIGTERM, so a handler set here in the main thread stays in place."""
 
     def on_sighup(*_: Any) -> None:
-        threading.Thread(target=rt.reload_web_config, name="web-config-reload",
-                         daemon=True).start()
+        if metrics.poll() is None:
+            metrics.send_signal(signal.SIGHUP)
 
     signal.signal(signal.SIGHUP, on_sighup)
 
 
-async def _mark_serving_when_healthy(rt: runtime_module.Runtime, args, listen_address: str):
-    """`/-/ready` turns 200 (and vllm_engine_up 1) when vLLM's own /health answers 200: the
-    engine is up and the API app is built and accepting requests."""
+def _api_health_target(args) -> tuple[str, int, ssl.SSLContext | None]:
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host or "", args.host)
     tls = None
     if getattr(args, "ssl_certfile", None):
         tls = ssl.create_default_context()
         tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE  # our own server, by address
+    return host, args.port, tls
+
+
+async def _mark_serving_when_healthy(fe: frontend_module.Frontend, args, metrics_port: int):
+    """`/-/ready` turns 200 (and vllm_engine_up 1) when vLLM's own /health answers 200: the
+    engine is up and the API app is built and accepting requests."""
+    host, port, tls = _api_health_target(args)
     request = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     while True:
         try:
-            reader, writer = await asyncio.open_connection(host, args.port, ssl=tls)
+            reader, writer = await asyncio.open_connection(host, port, ssl=tls)
             try:
                 writer.write(request)
                 await writer.drain()
@@ -156,9 +244,9 @@ async def _mark_serving_when_healthy(rt: runtime_module.Runtime, args, listen_ad
             finally:
                 writer.close()
             if status_line.split(b" ")[1:2] == [b"200"]:
-                rt.set_engine_serving()
-                log.info("serving %s: API on %s, metrics on port %d", rt.model, listen_address,
-                         rt.server.port)
+                fe.set_engine_state("serving")
+                log.info("serving %s: API on %s:%d, metrics on port %d", fe.model, host, port,
+                         metrics_port)
                 return
         except (OSError, asyncio.TimeoutError):
             pass
@@ -190,8 +278,9 @@ def _probe_port(host: str, port: int) -> None:
             raise _port_error("api", host, port, exc) from None
 
 
-def _prepare_engine_args(config: Config):
-    """Resolve the model, let vLLM's own parser validate the engine flags, bind the API port."""
+def _prepare_engine_args(config: Config, bind: bool = True):
+    """Resolve the model, let vLLM's own parser validate the engine flags, bind the API port
+    (unless vLLM's launcher binds it, for several API servers)."""
     from . import vllm_compat
 
     model_path, served_name = resolve_model(config)
@@ -206,6 +295,8 @@ def _prepare_engine_args(config: Config):
         raise StartupError(f"vLLM rejected the engine arguments {argv!r}") from exc
     except (ValueError, TypeError, KeyError) as exc:
         raise StartupError(f"vLLM rejected the engine arguments: {exc}") from exc
+    if not bind:
+        return None, None, args
     try:
         listen_address, sock = vllm_compat.setup_server(args)
     except OSError as exc:
@@ -213,8 +304,9 @@ def _prepare_engine_args(config: Config):
     return listen_address, sock, args
 
 
-async def _run(rt: runtime_module.Runtime, args, listen_address: str, sock, stat_logger,
-               alerts: Any = None) -> int:
+async def _run(fe: frontend_module.Frontend, args, listen_address: str, sock, stat_logger,
+               metrics_port: int) -> int:
+    """One API server in this process: vLLM's own app over an AsyncLLM built here."""
     from . import vllm_compat
 
     # Until vLLM's server installs its own handlers, a SIGTERM interrupts the engine start.
@@ -222,32 +314,51 @@ async def _run(rt: runtime_module.Runtime, args, listen_address: str, sock, stat
         raise KeyboardInterrupt("terminated during start-up")
 
     signal.signal(signal.SIGTERM, interrupt_start)
+    # The stat logger wires itself to the engine it belongs to (aborts, unfinished requests,
+    # death, and the shutdown that tells a stop from a death: vllm_compat.watch_async_llm).
     engine = vllm_compat.build_engine(args, [stat_logger])
-    # vLLM's signal handler shuts the engine down through engine.shutdown(); an engine that
-    # dies never goes through it first. That is how a stop is told apart from a death.
-    vllm_compat.before_engine_shutdown(engine, rt.mark_stopping)
     try:
-        vllm_compat.count_client_aborts(engine, rt.count_client_aborts)
-        rt.watch_engine(lambda: vllm_compat.unfinished_requests(engine),
-                        lambda: vllm_compat.engine_dead(engine))
-        ready_probe = asyncio.create_task(_mark_serving_when_healthy(rt, args, listen_address))
+        ready_probe = asyncio.create_task(_mark_serving_when_healthy(fe, args, metrics_port))
         shutdown = await vllm_compat.serve(engine, listen_address, sock, args)
         ready_probe.cancel()
         if asyncio.iscoroutine(shutdown) or isinstance(shutdown, asyncio.Future):
             await shutdown
     finally:
-        rt.check_engine_health()  # a death not yet seen by the side loop
+        fe.check_engine_health()  # a death not yet seen by the side thread
         engine.shutdown()
-    if rt.engine_state == "dead":
-        delay = rt.config.daemon.exit_delay_seconds
-        exit_at = asyncio.get_running_loop().time() + delay
-        log.error("engine died; exiting with code %d in %.0f s", EXIT_ENGINE_DIED, delay)
-        if alerts is not None and alerts.client is not None:
-            # The engine-died alert must leave before the process does (docs/operations.md).
-            if await asyncio.to_thread(alerts.deliver_now, delay):
-                log.info("alerts delivered to Alertmanager before exit")
-            else:
-                log.error("alerts not delivered to every Alertmanager within %.0f s", delay)
-        await asyncio.sleep(max(0.0, exit_at - asyncio.get_running_loop().time()))
+    if fe.engine_state == "dead":
+        await asyncio.sleep(_death_delay(fe))
         return EXIT_ENGINE_DIED
     return EXIT_OK
+
+
+def _run_launcher(fe: frontend_module.Frontend, args, metrics_port: int) -> int:
+    """Several API servers or engine ranks: vLLM's own launcher runs them, in this process's
+    main thread (it installs its signal handlers); each API-server process loads our stat
+    logger from the entry point and writes its own shard."""
+    from . import vllm_compat
+
+    def probe() -> None:
+        asyncio.run(_mark_serving_when_healthy(fe, args, metrics_port))
+
+    threading.Thread(target=probe, name="ready-probe", daemon=True).start()
+    try:
+        vllm_compat.run_server_processes(args)
+    except SystemExit:  # SIGTERM/SIGINT, through vLLM's handler: a stop
+        fe.mark_stopping()
+        return EXIT_OK
+    except Exception as exc:  # a process of vLLM's died
+        log.error("vLLM's processes failed: %s", exc)
+        fe.mark_engine_dead()
+    else:
+        fe.mark_stopping()
+        return EXIT_OK
+    time.sleep(_death_delay(fe))
+    return EXIT_ENGINE_DIED
+
+
+def _death_delay(fe: frontend_module.Frontend) -> float:
+    """The engine died: the metrics process shows it and sends the alerts meanwhile."""
+    delay = fe.config.daemon.exit_delay_seconds
+    log.error("engine died; exiting with code %d in %.0f s", EXIT_ENGINE_DIED, delay)
+    return delay

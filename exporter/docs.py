@@ -18,6 +18,12 @@ Generated from `exporter/metrics.py`, `exporter/gpu.py` and `exporter/alerts/` b
 Every engine family carries `model` (the served model name) and `engine` (vLLM's engine index,
 one per data-parallel rank). Counters end in `_total`; histograms expose `_bucket`, `_sum` and
 `_count`; `_info` families have the value 1 and carry their data as labels.
+
+"across processes" says how the metrics process merges a family that several vLLM API-server
+processes write (docs/topologies.md): `sum` over every process (exited ones included, so totals
+never go backwards), `sum_live` over running processes, `latest` from the process that received
+that engine rank's newest scheduler statistics, `max`, `state` (the most severe state a running
+process reports), or `-` for the metrics process's own families.
 """
 
 
@@ -32,12 +38,13 @@ def metrics_markdown() -> str:
                 ("Alerts, see docs/alerts.md", tuple(ALERT_FAMILIES)))
     for title, families in sections:
         lines.append(f"\n## {title}\n")
-        lines.append("| name | type | labels | meaning | source |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| name | type | labels | meaning | source | across processes |")
+        lines.append("|---|---|---|---|---|---|")
         for f in families:
             labels = ", ".join(f"`{label}`" for label in f.labels) or "-"
             text = f.help.replace("|", "\\|")
-            lines.append(f"| `{f.name}` | {f.kind} | {labels} | {text} | {f.source} |")
+            merge = f.merge if f.where == "shard" else "-"  # the metrics process's own
+            lines.append(f"| `{f.name}` | {f.kind} | {labels} | {text} | {f.source} | {merge} |")
     return "\n".join(lines) + "\n"
 
 

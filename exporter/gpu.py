@@ -59,7 +59,7 @@ MAX_XID_LABEL = 999  # larger XID codes collapse to xid="other" (bounded labels)
 
 
 def _spec(name: str, kind: str, help: str, labels: tuple[str, ...], source: str) -> FamilySpec:
-    return FamilySpec(name, kind, help, labels=labels, source=source)
+    return FamilySpec(name, kind, help, labels=labels, source=source, where="server")
 
 
 GPU_FAMILIES: tuple[FamilySpec, ...] = (

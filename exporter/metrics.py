@@ -1,7 +1,9 @@
 """Every engine and daemon metric family: name, type, help, labels, buckets. The single source.
 
-`FAMILIES` lists each family as a `FamilySpec`; `EngineMetrics` creates the prometheus-client
-objects from those specs in our own `CollectorRegistry` (vLLM rewrites the default registry).
+`FAMILIES` lists each family as a `FamilySpec`. Families the vLLM front ends produce live in
+per-process shards (shard.py) that the metrics process merges (aggregate.py); the metrics
+process's own families are prometheus-client objects that `EngineMetrics` creates in our own
+`CollectorRegistry` (vLLM rewrites the default registry).
 docs/metrics.md is generated from the specs (`vllm-exporter docs metrics`), and the tests check
 that dashboards, rules and docs name only families defined here or in `gpu.GPU_FAMILIES`.
 
@@ -11,11 +13,9 @@ spec's name is the name users query), `_info` for identity, no colons.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 ENGINE_LABELS = ("model", "engine")
@@ -31,6 +31,22 @@ class FamilySpec:
     labels: tuple[str, ...] = ENGINE_LABELS
     source: str = ""  # where the value comes from (vLLM field, NVML call, the daemon itself)
     buckets_key: str | None = None  # for histograms: the key under `histogram_buckets` in config
+    # "shard": written by the processes that produce it (vLLM front ends, the daemon) into their
+    # own shard and aggregated by the metrics process (shard.py, aggregate.py); "server": owned
+    # by the metrics process itself (prometheus-client objects in its registry); "collector":
+    # computed by a collector of the metrics process at each scrape.
+    where: str = "shard"
+    # How the metrics process merges a shard family over processes (docs/topologies.md):
+    # sum (counters, histograms), sum_live (gauges of processes still running), latest (engine
+    # state gauges: from the process that received that engine rank's newest scheduler stats),
+    # max (per-engine constants and timestamps), state (the engine's lifecycle state).
+    aggregate: str = ""
+
+    @property
+    def merge(self) -> str:
+        if self.aggregate:
+            return self.aggregate
+        return "sum" if self.kind in ("counter", "histogram") else "max"
 
     @property
     def client_name(self) -> str:
@@ -79,25 +95,25 @@ FAMILIES: tuple[FamilySpec, ...] = (
     # --- engine state, one update per engine step -------------------------------------------
     FamilySpec("vllm_requests_running", "gauge",
                "Requests in the engine's running batch.",
-               source="SchedulerStats.num_running_reqs (0 when idle, see docs/metrics-guide.md)"),
+               aggregate="latest", source="SchedulerStats.num_running_reqs (0 when idle, see docs/metrics-guide.md)"),
     FamilySpec("vllm_requests_waiting", "gauge",
                "Requests waiting to be scheduled, deferred ones included.",
-               source="SchedulerStats.num_waiting_reqs + num_skipped_waiting_reqs"),
+               aggregate="latest", source="SchedulerStats.num_waiting_reqs + num_skipped_waiting_reqs"),
     FamilySpec("vllm_lora_requests_running", "gauge",
                "Running requests per LoRA adapter (only adapters with requests are listed by "
                "vLLM; an adapter that has none shows 0). Beyond daemon.max_lora_adapters "
                "names, adapters fold into adapter=\"other\".",
                labels=ENGINE_LABELS + ("adapter",),
-               source="SchedulerStats.running_lora_adapters"),
+               aggregate="latest", source="SchedulerStats.running_lora_adapters"),
     FamilySpec("vllm_lora_requests_waiting", "gauge",
                "Waiting requests per LoRA adapter, as vLLM counts them: only requests the "
                "engine has reported on (preempted ones); queued requests not yet scheduled "
                "are in vllm_requests_waiting only.",
                labels=ENGINE_LABELS + ("adapter",),
-               source="SchedulerStats.waiting_lora_adapters"),
+               aggregate="latest", source="SchedulerStats.waiting_lora_adapters"),
     FamilySpec("vllm_kv_cache_usage_ratio", "gauge",
                "Fraction of the KV-cache blocks in use by requests (0-1).",
-               source="SchedulerStats.kv_cache_usage"),
+               aggregate="latest", source="SchedulerStats.kv_cache_usage"),
     FamilySpec("vllm_prompt_tokens_total", "counter",
                "Prompt tokens processed (prefilled), cached tokens included.",
                source="IterationStats.num_prompt_tokens"),
@@ -120,15 +136,16 @@ FAMILIES: tuple[FamilySpec, ...] = (
                source="IterationStats.finished_requests[].finish_reason"),
     FamilySpec("vllm_requests_aborted_total", "counter",
                "Requests aborted at the API front end before they finished (client disconnects, "
-               "cancelled streams). Daemon mode only.",
+               "cancelled streams), summed over every API-server process.",
                labels=("model",),
                source="the daemon, on vLLM's front-end abort path"),
     FamilySpec("vllm_engine_steps_total", "counter",
-               "Engine steps whose statistics reached the front end.",
-               source="each StatLogger.record() call"),
+               "Engine steps whose scheduler statistics reached a front end (vLLM sends each "
+               "step's scheduler statistics to exactly one API-server process).",
+               source="each StatLogger.record() call that carries SchedulerStats"),
     FamilySpec("vllm_engine_last_step_timestamp_seconds", "gauge",
-               "Unix time of the last engine step the front end saw.",
-               source="the time of each StatLogger.record() call"),
+               "Unix time of the last engine step whose scheduler statistics a front end saw.",
+               source="the time of each StatLogger.record() call that carries SchedulerStats"),
     # --- per-request latency and length histograms ------------------------------------------
     FamilySpec("vllm_time_to_first_token_seconds", "histogram",
                "Time from request arrival to its first generated token.",
@@ -197,18 +214,24 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("vllm_exporter_build_info", "info",
                "The exporter's version and the versions it runs with (value 1).",
                labels=("version", "vllm_version", "python_version", "mode"),
-               source="the daemon"),
+               where="server", source="the daemon"),
     FamilySpec("vllm_engine_up", "gauge",
                "1 while the engine serves, 0 while it starts, after it died, or at shutdown.",
-               labels=("model",), source="the daemon's engine health check"),
+               labels=("model",), aggregate="state", source="the daemon's engine health check"),
     FamilySpec("vllm_engine_state", "gauge",
                "1 for the engine's current state, 0 for the others: starting, serving, "
                "stopping (SIGTERM drain) or dead (the engine process died; the daemon exits "
                "daemon.exit_delay_seconds later).",
-               labels=("model", "state"), source="the daemon's engine health check"),
+               labels=("model", "state"), aggregate="state", source="the daemon's engine health check"),
+    FamilySpec("vllm_engine_requests_unfinished", "gauge",
+               "Requests sent to this engine rank that have not finished, summed over every "
+               "API-server process (what the stall rule asks: does this rank have work?).",
+               aggregate="sum_live",
+               source="AsyncLLM's engine client: in-flight requests per data-parallel rank"),
     FamilySpec("vllm_frontend_requests_unfinished", "gauge",
-               "Requests the API front end holds that have not finished. Daemon mode only.",
-               labels=("model",), source="AsyncLLM.get_num_unfinished_requests()"),
+               "Requests the API front ends hold that have not finished, summed over every "
+               "API-server process.",
+               labels=("model",), aggregate="sum_live", source="AsyncLLM.get_num_unfinished_requests()"),
     FamilySpec("vllm_exporter_stat_logger_records_total", "counter",
                "Calls of our stat logger's record() (the hot path).",
                labels=(), source="the daemon"),
@@ -224,20 +247,26 @@ FAMILIES: tuple[FamilySpec, ...] = (
                labels=("component",), source="the daemon"),
     FamilySpec("vllm_exporter_scrape_duration_seconds", "histogram",
                "Time to render one /metrics response.",
-               labels=(), source="the metrics server",
+               labels=(), where="server", source="the metrics server",
                buckets_key=None),
     FamilySpec("vllm_exporter_scrapes_total", "counter",
                "Requests to the metrics port, by path and HTTP status code.",
-               labels=("path", "code"), source="the metrics server"),
+               labels=("path", "code"), where="server", source="the metrics server"),
     FamilySpec("vllm_exporter_scrapes_rejected_total", "counter",
                "Requests or connections the metrics port refused to protect itself, by reason "
                "(concurrency: 503 beyond metrics.max_concurrent_requests; connections: closed "
                "beyond metrics.max_connections; too_large: request line or headers too long).",
-               labels=("reason",), source="the metrics server"),
+               labels=("reason",), where="server", source="the metrics server"),
     FamilySpec("vllm_exporter_config_reloads_total", "counter",
                "Reloads of the metrics port's web config file (SIGHUP), by result; on failure "
                "the previous configuration stays active.",
-               labels=("result",), source="the daemon's SIGHUP handler"),
+               labels=("result",), where="server", source="the daemon's SIGHUP handler"),
+    FamilySpec("vllm_exporter_processes", "gauge",
+               "Processes that write metrics for this server, by role (frontend: a vLLM "
+               "API-server process; daemon: the daemon's own process; metrics: the metrics "
+               "process) and state (live, or exited: its counters still count in every total).",
+               labels=("role", "state"), where="collector",
+               source="the metrics process, from the shards it reads, at each scrape"),
     FamilySpec("vllm_exporter_label_overflow_total", "counter",
                "Updates whose label value was beyond its cap and was folded into \"other\" "
                "(or, for gpu, left out), by label: engine (beyond daemon.max_engines engine "
@@ -263,7 +292,8 @@ def spec(name: str) -> FamilySpec:
 
 @dataclass
 class EngineMetrics:
-    """The prometheus-client objects for every family in FAMILIES, in one registry.
+    """The prometheus-client objects for the metrics process's own families ("server" in
+    FAMILIES), in one registry. The families front ends write live in shards (shard.py).
 
     Attribute names are the family names without the `vllm_` prefix and the counter `_total`
     suffix (e.g. `requests_running`, `prompt_tokens`), so call sites read like the docs.
@@ -274,7 +304,8 @@ class EngineMetrics:
 
     def __post_init__(self) -> None:
         for family in FAMILIES:
-            setattr(self, _attr_name(family), self._create(family))
+            if family.where == "server":
+                setattr(self, attr_name(family), self._create(family))
 
     def _create(self, family: FamilySpec):
         kwargs = dict(name=family.client_name, documentation=family.help,
@@ -287,15 +318,12 @@ class EngineMetrics:
             if family.kind == "info":
                 kwargs["name"] = family.name
             return Gauge(**kwargs)
-        if family.kind == "histogram" and family.buckets_key:
-            return HotPathHistogram(family.name, family.help, family.labels,
-                                    self.buckets[family.buckets_key], self.registry)
         if family.kind == "histogram":
             return Histogram(buckets=SCRAPE_DURATION_BUCKETS, **kwargs)
         raise ValueError(f"unknown kind {family.kind!r} for {family.name}")
 
 
-def _attr_name(family: FamilySpec) -> str:
+def attr_name(family: FamilySpec) -> str:
     name = family.name
     for prefix in ("vllm_exporter_", "vllm_"):
         if name.startswith(prefix):
@@ -306,64 +334,5 @@ def _attr_name(family: FamilySpec) -> str:
     return name
 
 
-class HotPathHistogram:
-    """A histogram family for the stat logger's hot path.
-
-    prometheus-client's Histogram takes a lock for the sum and for the bucket and scans the
-    bounds linearly: about 1 us per observation, dozens of observations per engine step.
-    Here one thread (vLLM's event loop) is the only writer, so a child keeps plain per-bucket
-    counts found by bisection (~0.2 us). Scrapes read from other threads: a bucket list copy is
-    atomic under the GIL, so buckets and _count always agree; _sum may miss an observation that
-    is being written at that instant, which Prometheus tolerates like any scrape-time skew.
-    """
-
-    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
-                 buckets: tuple[float, ...], registry: CollectorRegistry):
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self.bounds = tuple(float(b) for b in buckets)
-        self._children: dict[tuple[str, ...], HotPathHistogramChild] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> "HotPathHistogramChild":
-        key = tuple(str(v) for v in values)
-        if len(key) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {key}")
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = HotPathHistogramChild(self.bounds)
-        return child
-
-    def describe(self):
-        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
-
-    def collect(self):
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        bounds = [_format_bound(b) for b in self.bounds] + ["+Inf"]
-        for key, child in list(self._children.items()):
-            counts = list(child.counts)  # one atomic copy: buckets and count agree
-            cumulative, running = [], 0
-            for bound, count in zip(bounds, counts):
-                running += count
-                cumulative.append((bound, running))
-            family.add_metric(list(key), cumulative, child.sum)
-        yield family
-
-
-class HotPathHistogramChild:
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        # bisect_left: a value equal to a bound belongs to that bound's bucket (le = "<=").
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-
-def _format_bound(bound: float) -> str:
+def format_bound(bound: float) -> str:
     return floatToGoString(bound)  # the `le` spelling prometheus-client's own histograms use

@@ -23,7 +23,7 @@ import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -47,9 +47,11 @@ class MetricsServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry, metrics: EngineMetrics,
                  health: Callable[[], tuple[bool, bool, str]], web_config: WebConfig | None = None,
                  max_concurrent_requests: int = 8, max_connections: int = 64,
-                 request_timeout_seconds: float = 10.0):
-        """`health()` returns (healthy, ready, a one-line state for humans)."""
+                 request_timeout_seconds: float = 10.0, shards: Any = None):
+        """`health()` returns (healthy, ready, a one-line state for humans); `shards`, a
+        ShardCollector registered in `registry`, renders its families itself."""
         self.registry = registry
+        self.shards = shards
         self.metrics = metrics
         self.health = health
         self.routes: dict[str, tuple[Route, str]] = {}
@@ -95,7 +97,13 @@ class MetricsServer:
     def render_metrics(self, accept: str | None, accept_encoding: str | None):
         started = time.perf_counter()
         encoder, content_type = choose_encoder(accept or "")
-        body = encoder(self.registry)
+        if self.shards is None:
+            body = encoder(self.registry)
+        else:  # the shard families written directly, everything else by the encoder
+            with self.shards.rendered_apart():
+                rest = encoder(self.registry)
+            openmetrics = content_type.startswith("application/openmetrics-text")
+            body = self.shards.render(openmetrics).encode() + rest
         if accept_encoding and "gzip" in accept_encoding:
             body, encoding = gzip.compress(body, compresslevel=1), "gzip"
         else:

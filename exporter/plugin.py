@@ -1,13 +1,18 @@
-"""The stat logger vLLM calls, in both modes.
+"""The stat logger vLLM calls, in every process that runs an AsyncLLM.
 
-Daemon mode: `vllm-exporter serve` installs a Runtime and passes this class to AsyncLLM.
-Plugin mode: the package registers this class under vLLM's `vllm.stat_logger_plugins` entry
-point, so every AsyncLLM (e.g. vLLM's own OpenAI server) constructs it; with no runtime installed
-it builds one from the environment (VLLM_EXPORTER_CONFIG, VLLM_EXPORTER_METRICS_HOST,
-VLLM_EXPORTER_METRICS_PORT) and opens the metrics port.
+The package registers `ExporterStatLogger` under vLLM's `vllm.stat_logger_plugins` entry point,
+so every AsyncLLM constructs it: plain `vllm serve` (one API-server process or many, with or
+without data parallelism), and the daemon, which also passes it explicitly.
 
-In daemon mode vLLM also loads the entry point, so two instances are constructed for one engine:
-the first claims the runtime, any later one stays inert (its record() returns at once).
+Each such process gets one `Frontend` (frontend.py) that writes its own shard. The first
+front end of a server to take the shard directory's lock starts the server's metrics process
+(metrics_process.py), which alone binds the metrics port and renders; the others only write.
+Configuration comes from the environment: VLLM_EXPORTER_CONFIG (a YAML file),
+VLLM_EXPORTER_METRICS_HOST and VLLM_EXPORTER_METRICS_PORT; under the daemon, from the config the
+daemon left in the shard directory.
+
+When one process constructs two instances (entry point + explicit), the first claims the front
+end and any later one stays inert (its record() returns at once).
 """
 
 from __future__ import annotations
@@ -17,65 +22,74 @@ import os
 import time
 from typing import Any
 
-from . import runtime as runtime_module
+from . import frontend as frontend_module
 from .alerts import prepare_alerts
-from .config import load_config
+from .config import config_from_environment, load_config
 from .vllm_compat import (
-    VLLM_VERSION,
     AggregateStatLoggerBase,
     engine_config_labels,
+    find_async_llm,
     finish_reason_name,
-    gpu_memory_utilization,
     kv_cache_geometry,
     served_model_name,
+    watch_async_llm,
 )
 
 log = logging.getLogger("exporter.plugin")
 
-ENV_CONFIG = "VLLM_EXPORTER_CONFIG"
-ENV_METRICS_HOST = "VLLM_EXPORTER_METRICS_HOST"
-ENV_METRICS_PORT = "VLLM_EXPORTER_METRICS_PORT"
+def frontend_from_environment() -> frontend_module.Frontend:
+    """This process's front end, its shard in the server's shard directory, and the server's
+    metrics process started if no other front end has started it."""
+    from . import metrics_process
+
+    directory = metrics_process.shard_dir_for_this_server()
+    left_by_daemon = directory / metrics_process.CONFIG_NAME
+    if left_by_daemon.exists():
+        config = load_config(left_by_daemon)
+    else:
+        config = config_from_environment()
+        prepare_alerts(config)  # a bad rule file stops vLLM's start with our message
+    fe = frontend_module.Frontend(config, str(directory))
+    # With several API servers, vLLM's launcher is the parent of every engine process: GPU
+    # memory is attributed to the engine from there.
+    several = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+    root_pid = os.getppid() if several else os.getpid()
+
+    def keep_metrics_process() -> None:
+        metrics_process.ensure_running(directory, "plugin", root_pid)
+
+    keep_metrics_process()
+    fe.on_check.append(keep_metrics_process)  # started again if it died
+    fe.start()
+    frontend_module.install(fe)
+    return fe
 
 
-def runtime_from_environment() -> runtime_module.Runtime:
-    overrides: dict[str, Any] = {}
-    if os.environ.get(ENV_METRICS_HOST):
-        overrides["metrics.host"] = os.environ[ENV_METRICS_HOST]
-    if os.environ.get(ENV_METRICS_PORT):
-        port = os.environ[ENV_METRICS_PORT]
-        if not port.isdigit():
-            from .config import ConfigError
-
-            raise ConfigError(ENV_METRICS_PORT, "metrics.port", f"must be a port number, got {port!r}")
-        overrides["metrics.port"] = int(port)
-    config = load_config(os.environ.get(ENV_CONFIG) or None, overrides)
-    alerts = prepare_alerts(config)  # a bad rule file stops vLLM's start with our message
-    rt = runtime_module.Runtime(config, mode="plugin", vllm_version=VLLM_VERSION)
-    rt.start()
-    runtime_module.install(rt)
-    if alerts is not None:
-        alerts.start(rt)
-    return rt
+def this_process_frontend() -> frontend_module.Frontend:
+    return frontend_module.current() or frontend_from_environment()
 
 
 class ExporterStatLogger(AggregateStatLoggerBase):
-    """Forwards each engine step's statistics to the runtime's StatsRecorder."""
+    """Forwards each engine step's statistics to this process's StatsRecorder."""
 
     def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None, **_: Any):
         self.vllm_config = vllm_config
         self.engine_indexes = list(engine_indexes or [0])
-        rt = runtime_module.current() or runtime_from_environment()
-        if rt.logger_claimed:
-            self._rt = None  # a second instance for the same engine (entry point + explicit)
+        fe = this_process_frontend()
+        if fe.logger_claimed:
+            self._fe = None  # a second instance for the same engine (entry point + explicit)
             self._recorder = None
             return
-        rt.logger_claimed = True
-        self._rt = rt
-        self._recorder = rt.attach_stat_logger(served_model_name(vllm_config),
+        fe.logger_claimed = True
+        self._fe = fe
+        self._recorder = fe.attach_stat_logger(served_model_name(vllm_config),
                                                self.engine_indexes, finish_reason_name)
-        m = rt.metrics
-        self._records = m.stat_logger_records
-        self._seconds = m.stat_logger_seconds
+        engine = find_async_llm()
+        if engine is not None:  # client aborts, unfinished requests, death, shutdown
+            watch_async_llm(engine, fe)
+        m = fe.metrics
+        self._records = m.stat_logger_records.labels()
+        self._seconds = m.stat_logger_seconds.labels()
         self._errors = m.errors.labels("stat_logger")
         self._error_logged = False
 
@@ -97,13 +111,13 @@ class ExporterStatLogger(AggregateStatLoggerBase):
         self._seconds.inc(time.perf_counter() - started)
 
     def log_engine_initialized(self) -> None:
-        if self._rt is None:
+        if self._fe is None:
             return
         cfg = self.vllm_config
-        self._rt.engine_initialized(engine_config_labels(cfg, self._recorder.model),
-                                    kv_cache_geometry(cfg), gpu_memory_utilization(cfg))
-        if self._rt.mode == "plugin":
-            self._rt.set_engine_serving()
+        self._fe.engine_initialized(engine_config_labels(cfg, self._recorder.model),
+                                    kv_cache_geometry(cfg))
+        if self._fe.serving_when_initialized:
+            self._fe.set_engine_state("serving")
 
     def log(self) -> None:
         pass

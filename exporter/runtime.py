@@ -1,13 +1,18 @@
-"""The exporter's core, shared by daemon mode and plugin mode.
+"""The metrics side of the exporter: registry, metrics port, GPU collector, side loop.
 
-A `Runtime` owns our registry and metric families, the metrics server, the GPU collector and
-one side thread (the idle watchdog and engine health check). The stat logger in plugin.py finds
-the process's runtime through `current()`; in plugin mode (vLLM's own server) it creates one
-from the environment.
+A `Runtime` runs in the metrics process (metrics_process.py), apart from every vLLM front end,
+so a scrape never waits on a front end's event loop or GIL. Its registry holds the metrics
+process's own families and a `ShardCollector` that merges the shards every front-end process
+writes (shard.py, aggregate.py). Its side loop decides which engine ranks are idle, notices the
+engine's death (alerts are evaluated at once) and feeds the GPU collector the engine's memory
+budget from the config the front ends published.
 
-Data flows one way: the stat logger writes metrics; the side thread and the scrapes only read
-them (or reset engine-state gauges the engine itself left stale); nothing here calls into vLLM's
-scheduling.
+`Runtime` also carries a local `Frontend` with its own shard: the families the metrics process
+itself counts (errors, idle resets, GPU label overflow) go there, and tests and benchmarks drive a
+whole front end through it in one process (`attach_stat_logger`, `watch_engine`, ...; install
+`rt.frontend` with `frontend.install` and vLLM's stat loggers attach to it).
+
+Data flows one way: front ends write shards; the metrics process only reads them.
 """
 
 from __future__ import annotations
@@ -15,68 +20,161 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
+import tempfile
 import threading
 import time
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
 
 from . import __version__
+from .aggregate import STATE_SEVERITY, ShardCollector, ShardSet
 from .config import Config
+from .frontend import ENGINE_STATES, Frontend
 from .gpu import GpuCollector
-from .metrics import ERROR_COMPONENTS, EngineMetrics
+from .metrics import ENGINE_CONFIG_LABELS, ERROR_COMPONENTS, EngineMetrics, spec
 from .metrics_server import MetricsServer
 from .stats import StatsRecorder
 from .web_config import load_web_config
 
 log = logging.getLogger("exporter.runtime")
 
-ENGINE_STATES = ("starting", "serving", "stopping", "dead")
+__all__ = ["Runtime", "ENGINE_STATES"]
 
-_current: "Runtime | None" = None
-_current_lock = threading.Lock()
-
-
-def current() -> "Runtime | None":
-    return _current
+PROCESS_ROLES = ("frontend", "daemon", "metrics")
 
 
-def install(runtime: "Runtime | None") -> None:
-    global _current
-    with _current_lock:
-        _current = runtime
+class Families:
+    """The metrics process's own families and its shard's, under one set of attribute names."""
+
+    def __init__(self, *sources: Any):
+        self._sources = sources
+
+    def __getattr__(self, name: str) -> Any:
+        for source in self._sources:
+            if hasattr(source, name):
+                return getattr(source, name)
+        raise AttributeError(name)
+
+
+class ProcessesCollector:
+    """vllm_exporter_processes, from the shards as they are at the scrape."""
+
+    def __init__(self, shards: ShardSet):
+        self.shards = shards
+        self.spec = spec("vllm_exporter_processes")
+
+    def describe(self):
+        return [GaugeMetricFamily(self.spec.name, self.spec.help, labels=self.spec.labels)]
+
+    def collect(self):
+        self.shards.refresh()
+        counts = self.shards.processes()
+        family = GaugeMetricFamily(self.spec.name, self.spec.help, labels=self.spec.labels)
+        for role in PROCESS_ROLES:
+            for state in ("live", "exited"):
+                family.add_metric([role, state], counts.get((role, state), 0))
+        yield family
 
 
 class Runtime:
-    def __init__(self, config: Config, mode: str, vllm_version: str = "unknown"):
+    def __init__(self, config: Config, mode: str, vllm_version: str = "unknown",
+                 shard_dir: str | None = None, role: str = "daemon",
+                 root_pid: int | None = None):
         self.config = config
         self.mode = mode  # "daemon" | "plugin"
-        disable_created_metrics()  # `_created` series double the exposition for no use here
+        # `_created` series double the exposition for no use here. Process-wide in
+        # prometheus-client, which is why this runs only where no vLLM registry lives.
+        disable_created_metrics()
+        self._own_dir = shard_dir is None
+        self.shard_dir = shard_dir or tempfile.mkdtemp(prefix="vllm-exporter-")
+        self.root_pid = root_pid or os.getpid()
         self.registry = CollectorRegistry(auto_describe=True)
-        self.metrics = EngineMetrics(self.registry, buckets=config.buckets())
+        self.server_metrics = EngineMetrics(self.registry, buckets=config.buckets())
+        self.frontend = Frontend(config, self.shard_dir, role=role, on_state=self._local_state)
+        self.frontend.serving_when_initialized = mode == "plugin"
+        self.metrics = Families(self.server_metrics, self.frontend.metrics)
+        self.shards = ShardSet(self.shard_dir)
+        self.collector = ShardCollector(self.shards)
+        self.registry.register(self.collector)
+        self.registry.register(ProcessesCollector(self.shards))
         self.metrics.build_info.labels(__version__, vllm_version, platform.python_version(),
                                        mode).set(1)
         for component in ERROR_COMPONENTS:
             self.metrics.errors.labels(component)
+        self.metrics.idle_resets.labels()
         for result in ("success", "failure"):  # present at 0, so increase() sees the first one
             self.metrics.config_reloads.labels(result)
         for reason in ("concurrency", "connections", "too_large"):
             self.metrics.scrapes_rejected.labels(reason)
         for label in ("engine", "adapter", "gpu"):
             self.metrics.label_overflow.labels(label)
-        self.model = config.engine.served_model_name or "unknown"
-        self.recorder: StatsRecorder | None = None
-        self.engine_state = "starting"
-        self.unfinished_requests: Callable[[], int] | None = None
-        self.engine_dead: Callable[[], bool] | None = None
         self.server: MetricsServer | None = None
         self.gpu: GpuCollector | None = None
+        self._budget_ratio: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.logger_claimed = False
+        self._dead_models: set[str] = set()
         # Called (on the thread that saw it) once the engine is found dead, e.g. to evaluate
         # and deliver the alerts at once rather than at the next tick.
         self.on_engine_death: list[Callable[[], None]] = []
+
+    # --- the local front end (tests, benchmarks, and the families this process counts) ----
+    @property
+    def model(self) -> str:
+        return self.frontend.model
+
+    @model.setter
+    def model(self, value: str) -> None:
+        self.frontend.model = value
+
+    @property
+    def recorder(self) -> StatsRecorder | None:
+        return self.frontend.recorder
+
+    @property
+    def logger_claimed(self) -> bool:
+        return self.frontend.logger_claimed
+
+    @logger_claimed.setter
+    def logger_claimed(self, value: bool) -> None:
+        self.frontend.logger_claimed = value
+
+    def attach_stat_logger(self, model: str, engine_indexes: list[int],
+                           reason_name: Callable[[Any], str] = str) -> StatsRecorder:
+        return self.frontend.attach_stat_logger(model, engine_indexes, reason_name)
+
+    def engine_initialized(self, config_labels: dict[str, str], geometry: dict[str, float],
+                           gpu_memory_utilization: float | None = None) -> None:
+        self.frontend.engine_initialized(config_labels, geometry)
+        self.update_gpu_budget()
+
+    def set_engine_serving(self) -> None:
+        self.frontend.set_engine_state("serving")
+
+    def set_engine_state(self, state: str) -> None:
+        self.frontend.set_engine_state(state)
+
+    def mark_engine_dead(self) -> None:
+        self.frontend.mark_engine_dead()
+
+    def mark_stopping(self) -> None:
+        self.frontend.mark_stopping()
+
+    def watch_engine(self, unfinished: Callable[[], Any], engine_dead: Callable[[], bool]) -> None:
+        self.frontend.watch_engine(unfinished, engine_dead)
+
+    def count_client_aborts(self, n: int) -> None:
+        self.frontend.count_client_aborts(n)
+
+    def check_engine_health(self) -> None:
+        self.frontend.check_engine_health()
+
+    def _local_state(self, state: str) -> None:
+        if state == "dead":
+            self._report_death(self.frontend.model)
 
     # --- start-up ----------------------------------------------------------------------------
     def bind_metrics_port(self) -> None:
@@ -90,7 +188,8 @@ class Runtime:
                                     self.health, web_config,
                                     max_concurrent_requests=listen.max_concurrent_requests,
                                     max_connections=listen.max_connections,
-                                    request_timeout_seconds=listen.request_timeout_seconds)
+                                    request_timeout_seconds=listen.request_timeout_seconds,
+                                    shards=self.collector)
         self.server.start()
 
     def reload_web_config(self) -> bool:
@@ -117,7 +216,7 @@ class Runtime:
             self.bind_metrics_port()
         if self.config.gpu.enabled:
             overflow = self.metrics.label_overflow.labels("gpu")
-            self.gpu = GpuCollector(self.config.gpu, root_pid=os.getpid(),
+            self.gpu = GpuCollector(self.config.gpu, root_pid=self.root_pid,
                                     on_label_overflow=overflow.inc)
             self.registry.register(self.gpu)
             self.gpu.start()
@@ -126,105 +225,97 @@ class Runtime:
         self._thread.start()
         log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.server.port)
 
-    def attach_stat_logger(self, model: str, engine_indexes: list[int],
-                           reason_name: Callable[[Any], str] = str) -> StatsRecorder:
-        """Called once by the stat logger vLLM constructs; binds the per-engine children."""
-        self.model = model
-        self.recorder = StatsRecorder(self.metrics, model, engine_indexes, reason_name,
-                                      self.config.slo.objectives,
-                                      max_engines=self.config.daemon.max_engines,
-                                      max_lora_adapters=self.config.daemon.max_lora_adapters)
-        self.set_engine_state(self.engine_state)
-        return self.recorder
+    # --- the engine as every front end sees it ---------------------------------------------
+    @property
+    def engine_state(self) -> str:
+        """The engine's merged state (the most severe over models); starting before any
+        front end has reported."""
+        states = self.collector.engine_state()
+        if not states:
+            return "starting"
+        return max(states.values(), key=lambda state: STATE_SEVERITY.get(state, 0))
 
-    def engine_initialized(self, config_labels: dict[str, str], geometry: dict[str, float],
-                           gpu_memory_utilization: float | None) -> None:
-        self.metrics.engine_config_info.labels(**config_labels).set(1)
-        if self.recorder is not None:
-            self.recorder.set_capacity(geometry)
-        if self.gpu is not None and gpu_memory_utilization:
-            self.gpu.set_memory_budget_ratio(gpu_memory_utilization)
-
-    def set_engine_serving(self) -> None:
-        self.set_engine_state("serving")
-
-    def set_engine_state(self, state: str) -> None:
-        """Publish the engine's state: vllm_engine_up (1 only while serving) and
-        vllm_engine_state (one series per state, 1 for the current one)."""
-        self.engine_state = state
-        self.metrics.engine_up.labels(self.model).set(1 if state == "serving" else 0)
-        for name in ENGINE_STATES:
-            self.metrics.engine_state.labels(self.model, name).set(1 if name == state else 0)
-        if state == "dead":
-            for callback in self.on_engine_death:
-                callback()
-
-    def watch_engine(self, unfinished_requests: Callable[[], int],
-                     engine_dead: Callable[[], bool]) -> None:
-        """Daemon mode: the side loop reads the front end's request count and engine health."""
-        self.unfinished_requests = unfinished_requests
-        self.engine_dead = engine_dead
-
-    def count_client_aborts(self, n: int) -> None:
-        self.metrics.requests_aborted.labels(self.model).inc(n)
-
-    # --- health ------------------------------------------------------------------------------
     def health(self) -> tuple[bool, bool, str]:
-        healthy = self.engine_state in ("starting", "serving")
-        return healthy, self.engine_state == "serving", self.engine_state
-
-    def mark_engine_dead(self) -> None:
-        if self.engine_state in ("starting", "serving"):
-            log.error("the engine died; metrics stay up with vllm_engine_up 0")
-            self.set_engine_state("dead")
-
-    def mark_stopping(self) -> None:
-        if self.engine_state == "dead":
-            return
-        self.set_engine_state("stopping")
+        state = self.engine_state
+        return state in ("starting", "serving"), state == "serving", state
 
     # --- the side loop -----------------------------------------------------------------------
     def _side_loop(self) -> None:
         interval = self.config.daemon.check_interval_seconds
         while not self._stop.wait(interval):
-            self.check_engine_health()
-            self.check_idle()
+            for step in (self.frontend.check, self.check_idle, self.check_death,
+                         self.update_gpu_budget):
+                try:
+                    step()
+                except Exception:  # one failing step must not end the loop
+                    log.exception("side loop: %s failed", step.__name__)
+                    self.metrics.errors.labels("idle_watchdog").inc()
 
-    def check_engine_health(self) -> None:
-        if self.engine_dead is None or self.engine_state not in ("starting", "serving"):
+    def check_death(self) -> None:
+        """Alerts are evaluated at once when a front end reports the engine dead."""
+        for model, state in self.collector.engine_state().items():
+            if state == "dead":
+                self._report_death(model)
+
+    def _report_death(self, model: str) -> None:
+        if model in self._dead_models:
             return
-        try:
-            if self.engine_dead():
-                self.mark_engine_dead()
-        except Exception:
-            log.exception("engine health check failed")
-            self.metrics.errors.labels("engine_health").inc()
+        self._dead_models.add(model)
+        for callback in self.on_engine_death:
+            callback()
 
-    def check_idle(self) -> None:
-        """Reset stale engine-state gauges once the engine is idle.
+    def check_idle(self, now: float | None = None) -> None:
+        """Render stale engine-state gauges as 0 once an engine rank is idle.
 
         vLLM's engine steps continuously while it holds any request and emits no statistics
-        when it has none, so after the last request is aborted its running/waiting/KV gauges
-        keep their last values. Idle here means: no step for `idle_timeout_seconds` and (in
-        daemon mode) no unfinished request at the front end. A stalled engine that still holds
-        requests keeps its last values, so queue and stall alerts stay true.
+        when it has none, so after a rank's last request is aborted its running/waiting/KV
+        gauges keep their last values. A rank is idle after no step for
+        `idle_timeout_seconds` while no front end has a request in flight to it (per rank,
+        summed over every API-server process). A rank that still has requests keeps its last
+        values, so the queue and stall alerts stay true for it alone.
         """
-        recorder = self.recorder
-        if recorder is None:
-            return
         try:
-            unfinished = self.unfinished_requests() if self.unfinished_requests else None
-            if unfinished is not None:
-                self.metrics.frontend_requests_unfinished.labels(self.model).set(unfinished)
-            if not recorder.state_nonzero:
-                return
-            idle_for = time.monotonic() - recorder.last_step_monotonic
-            if idle_for >= self.config.daemon.idle_timeout_seconds and not unfinished:
-                recorder.reset_engine_state()
-                self.metrics.idle_resets.inc()
+            collector = self.collector
+            shards = self.shards.refresh()
+            stamps = collector.engine_stamps(shards)
+            idle = collector.idle_engines()
+            gauges = [collector.gauge_values(name, shards) for name in
+                      ("vllm_requests_running", "vllm_requests_waiting",
+                       "vllm_kv_cache_usage_ratio")]
+            unfinished = collector.gauge_values("vllm_engine_requests_unfinished", shards)
+            now = time.time() if now is None else now
+            timeout = self.config.daemon.idle_timeout_seconds
+            for key, (stamp, _) in stamps.items():
+                if key in idle and idle[key] >= stamp:
+                    continue
+                if not any(values.get(key) for values in gauges):
+                    continue
+                if now - stamp >= timeout and not unfinished.get(key):
+                    collector.mark_idle(key, stamp)
+                    self.metrics.idle_resets.inc()
         except Exception:
             log.exception("idle check failed")
             self.metrics.errors.labels("idle_watchdog").inc()
+
+    def update_gpu_budget(self) -> None:
+        """What vLLM may take of each GPU: its gpu_memory_utilization, from the config info."""
+        if self.gpu is None:
+            return
+        column = ENGINE_CONFIG_LABELS.index("gpu_memory_utilization")
+        for labels in self.collector.gauge_values("vllm_engine_config_info"):
+            try:
+                ratio = float(labels[column])
+            except ValueError:
+                continue
+            if ratio != self._budget_ratio:
+                self._budget_ratio = ratio
+                self.gpu.set_memory_budget_ratio(ratio)
+            return
+
+    def live_writers(self) -> int:
+        """Processes other than this one that still write shards (front ends, the daemon)."""
+        me = os.getpid()
+        return sum(1 for shard in self.shards.refresh() if shard.live and shard.pid != me)
 
     # --- shutdown ----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -233,3 +324,6 @@ class Runtime:
             self.gpu.stop()
         if self.server is not None:
             self.server.stop()
+        self.frontend.stop()
+        if self._own_dir:
+            shutil.rmtree(self.shard_dir, ignore_errors=True)

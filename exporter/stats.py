@@ -2,8 +2,8 @@
 
 `StatsRecorder.record()` runs on vLLM's asyncio event loop once per engine step (from the stat
 logger in plugin.py). It does a fixed amount of work per stat: every metric child it touches is
-bound once per engine index up front, so a step costs attribute lookups and lock-protected adds,
-never a label lookup, an allocation of label tuples, or I/O. Lists in the stats (first tokens,
+bound once per engine index up front, so a step costs attribute lookups and slot writes into this
+process's shard (shard.py), never a label lookup, a lock, an allocation of label tuples, or I/O. Lists in the stats (first tokens,
 inter-token gaps, finished requests) cost one histogram observation per element, as they must.
 
 This module reads vLLM's stats objects by attribute only and imports nothing from vLLM.
@@ -15,7 +15,6 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
-from .metrics import EngineMetrics
 from .slo import LatencyObjective, ObjectiveCounter
 
 KNOWN_FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
@@ -39,7 +38,7 @@ class _EngineChildren:
         "label", "adapters", "adapters_listed",
     )
 
-    def __init__(self, m: EngineMetrics, model: str, engine: str,
+    def __init__(self, m: Any, model: str, engine: str,
                  objectives: Iterable[LatencyObjective] = ()):
         labels = (model, engine)
         self.label = engine
@@ -136,11 +135,10 @@ class AdapterLabels:
 class StatsRecorder:
     """Applies SchedulerStats / IterationStats to the engine metric families."""
 
-    def __init__(self, metrics: EngineMetrics, model: str, engine_indexes: Iterable[int] = (0,),
+    def __init__(self, metrics: Any, model: str, engine_indexes: Iterable[int] = (0,),
                  reason_name: Callable[[Any], str] = str,
                  objectives: Iterable[LatencyObjective] = (),
                  wall_clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic,
                  max_engines: int = DEFAULT_MAX_ENGINES,
                  max_lora_adapters: int = DEFAULT_MAX_LORA_ADAPTERS):
         self.metrics = metrics
@@ -148,7 +146,6 @@ class StatsRecorder:
         self._objectives = tuple(objectives)
         self._reason_name = reason_name
         self._wall_clock = wall_clock
-        self._monotonic = monotonic
         # Cardinality cap: the first `max_engines` engine indexes get their own `engine` label;
         # any further index shares one set of children labelled engine="other" (bound on first
         # use) and each such update counts in vllm_exporter_label_overflow_total{label="engine"}.
@@ -161,9 +158,6 @@ class StatsRecorder:
                                       self._remove_adapter)
         for index in engine_indexes:
             self._bind(index)
-        # Read by the idle watchdog on another thread: plain attribute reads, no lock needed.
-        self.last_step_monotonic = 0.0
-        self.state_nonzero = False
 
     def _bind(self, engine_idx: int) -> _EngineChildren:
         """Children for an engine index not seen yet (the cold path of record())."""
@@ -185,11 +179,12 @@ class StatsRecorder:
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, engine_idx: int = 0) -> None:
         e = self._engines.get(engine_idx) or self._bind(engine_idx)
-        e.steps.inc()
-        e.last_step.set(self._wall_clock())
-        self.last_step_monotonic = self._monotonic()
-
         if scheduler_stats is not None:
+            # vLLM attaches an engine step's scheduler statistics to the outputs of exactly one
+            # front end (the others get iteration statistics only): counting steps here counts
+            # each step once, whatever the number of API-server processes.
+            e.steps.inc()
+            e.last_step.set(self._wall_clock())
             running = scheduler_stats.num_running_reqs
             waiting = scheduler_stats.num_waiting_reqs + getattr(
                 scheduler_stats, "num_skipped_waiting_reqs", 0)
@@ -197,7 +192,6 @@ class StatsRecorder:
             e.running.set(running)
             e.waiting.set(waiting)
             e.kv_usage.set(kv_usage)
-            self.state_nonzero = bool(running or waiting or kv_usage)
             # name -> request count, for adapters with requests; empty without LoRA.
             lora_running = getattr(scheduler_stats, "running_lora_adapters", None)
             lora_waiting = getattr(scheduler_stats, "waiting_lora_adapters", None)
@@ -287,16 +281,3 @@ class StatsRecorder:
             e.capacity_tokens.set(tokens)
             e.bytes_per_token.set(geometry["bytes_per_token"])
             e.capacity_bytes.set(tokens * geometry["bytes_per_token"])
-
-    def reset_engine_state(self) -> None:
-        """The engine is idle: running, waiting and KV usage are 0 whatever the last step said."""
-        for e in self._all_engines():
-            e.running.set(0)
-            e.waiting.set(0)
-            e.kv_usage.set(0)
-            # Values only: the adapter bookkeeping belongs to record()'s thread, which
-            # unlists these adapters at its next step (list() copies atomically under the GIL).
-            for running, waiting in list(e.adapters.values()):
-                running.set(0)
-                waiting.set(0)
-        self.state_nonzero = False

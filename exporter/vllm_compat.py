@@ -12,6 +12,7 @@ ones with getattr, so the rest of the package never imports vLLM directly.
 from __future__ import annotations
 
 import importlib
+import sys
 from argparse import Namespace
 from typing import Any, Callable
 
@@ -172,6 +173,15 @@ def build_engine(args: Namespace, stat_loggers: list[Callable]) -> Any:
     )
 
 
+def run_server_processes(args: Namespace) -> None:
+    """What `vllm serve` does with these arguments: its default API-server count for the
+    data-parallel mode, then its launcher (API-server processes beside the engine processes),
+    or one in-process server where that default is 1. Blocks until the server stops."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+
+    ServeSubcommand.cmd(args)
+
+
 async def serve(engine: Any, listen_address: str, sock: Any, args: Namespace):
     """vLLM's own FastAPI app on `sock`; returns the server's shutdown awaitable when it stops."""
     build_and_serve = _first_attr("build_and_serve", _ENTRY_MODULES)
@@ -185,6 +195,56 @@ def engine_dead(engine: Any) -> bool:
 def unfinished_requests(engine: Any) -> int:
     """Requests the front end holds (AsyncLLM has no such method in 0.26; its processor does)."""
     return int(engine.output_processor.get_num_unfinished_requests())
+
+
+def unfinished_by_engine(engine: Any) -> tuple[int, dict[int, int]]:
+    """(requests this front end holds, {data-parallel rank: its requests in flight there}).
+
+    The data-parallel load-balancing client remembers which rank each request went to
+    (`engine_inflight` per rank identity in 0.32+, `reqs_in_flight` per request before);
+    a client of a single rank has all of them there.
+    """
+    total = unfinished_requests(engine)
+    client = engine.engine_core
+    inflight = getattr(client, "engine_inflight", None)
+    if inflight is not None:
+        return total, {int.from_bytes(identity, "little"): int(n)
+                       for identity, n in list(inflight.items())}
+    requests = getattr(client, "reqs_in_flight", None)
+    if requests is not None:
+        counts: dict[int, int] = {}
+        for identity in list(requests.values()):
+            rank = int.from_bytes(identity, "little")
+            counts[rank] = counts.get(rank, 0) + 1
+        return total, counts
+    ranks = list(getattr(client, "engine_ranks_managed", None) or [0])
+    return total, ({ranks[0]: total} if len(ranks) == 1 else {})
+
+
+def find_async_llm() -> Any:
+    """The AsyncLLM whose constructor is building the calling stat logger, or None.
+
+    vLLM hands a stat logger only its config; the engine object it belongs to is the `self` of
+    an `AsyncLLM.__init__` frame further up the stack (its output processor and engine client
+    already exist by then).
+    """
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, AsyncLLM):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def watch_async_llm(engine: Any, frontend: Any) -> None:
+    """Wire a front end to its engine: client aborts, unfinished requests per rank, engine
+    death, and a stop told apart from a death."""
+    count_client_aborts(engine, frontend.count_client_aborts)
+    frontend.watch_engine(lambda: unfinished_by_engine(engine), lambda: engine_dead(engine))
+    before_engine_shutdown(engine, frontend.mark_stopping)
 
 
 def count_client_aborts(engine: Any, on_aborted: Callable[[int], None]) -> None:

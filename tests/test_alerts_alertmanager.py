@@ -192,12 +192,11 @@ def test_daemon_service_alert_survives_alertmanager_down_then_resolves(tmp_path,
     a real Alertmanager that starts only after the alert fired -> webhook; then resolution."""
     from types import SimpleNamespace
 
-    from prometheus_client import CollectorRegistry
 
     from exporter.alerts.rules import parse_rules
     from exporter.alerts.service import AlertingService
     from exporter.config import load_config
-    from exporter.metrics import EngineMetrics
+    from exporter.runtime import Runtime
     from exporter.slo import SloConfig
 
     am = make_alertmanager(tmp_path, webhook.url, port=free_port())
@@ -211,11 +210,11 @@ def test_daemon_service_alert_survives_alertmanager_down_then_resolves(tmp_path,
             "severity": "warning",
             "annotations": {"summary": "{{ $value }} waiting", "description": "d",
                             "runbook_url": "http://x/#w"}}
-    registry = CollectorRegistry()
-    metrics = EngineMetrics(registry)
-    server = SimpleNamespace(port=9410, add_route=lambda *a: None)
-    rt = SimpleNamespace(registry=registry, metrics=metrics, server=server, config=config,
-                         model="m", on_engine_death=[])
+    # A runtime with its own front end: the rule reads what a front end wrote to its shard.
+    rt = Runtime(config, mode="daemon")
+    rt.server = SimpleNamespace(port=9410, add_route=lambda *a: None)
+    registry, metrics = rt.registry, rt.metrics
+
     service = AlertingService(config, parse_rules({"rules": [rule]}, SloConfig(), "t"))
     service.start(rt)
     try:
@@ -235,6 +234,8 @@ def test_daemon_service_alert_survives_alertmanager_down_then_resolves(tmp_path,
                                          {"alertmanager": am.url}) <= 1
     finally:
         service.stop()
+        rt.server = None  # a stand-in, nothing to stop
+        rt.stop()
         am.stop()
 
 

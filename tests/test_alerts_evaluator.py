@@ -9,7 +9,6 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from exporter.alerts.evaluator import FIRING, INACTIVE, PENDING, Evaluator
 from exporter.alerts.history import History
@@ -18,7 +17,7 @@ from exporter.alerts.rules import parse_rules
 from exporter.alerts.service import AlertingService
 from exporter.alerts.templates import go_float, render
 from exporter.config import load_config
-from exporter.metrics import EngineMetrics
+from exporter.runtime import Runtime
 from exporter.slo import SloConfig
 
 
@@ -195,10 +194,11 @@ def test_service_evaluates_our_registry_and_serves_json(tmp_path):
     config = load_config(None)
     config.alerts.evaluation_interval_seconds = 0.05
     rules = parse_rules({"rules": [{**RULE, "for": "0s"}]}, SloConfig(), "t")
-    registry = CollectorRegistry()
-    metrics = EngineMetrics(registry)
-    rt = SimpleNamespace(registry=registry, metrics=metrics, server=_FakeServer(), config=config,
-                         model="m", on_engine_death=[])
+    # A runtime with its own front end: the rule reads what a front end wrote to its shard.
+    rt = Runtime(config, mode="daemon")
+    rt.server = _FakeServer()
+    registry, metrics = rt.registry, rt.metrics
+
     service = AlertingService(config, rules)
     service.start(rt)
     try:
@@ -219,4 +219,6 @@ def test_service_evaluates_our_registry_and_serves_json(tmp_path):
         assert registry.get_sample_value("vllm_exporter_alert_evaluations_total") > 0
     finally:
         service.stop()
+        rt.server = None  # a stand-in, nothing to stop
+        rt.stop()
     assert not service._thread.is_alive()

@@ -9,6 +9,7 @@ classes, no engine needed.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 from prometheus_client import generate_latest
@@ -111,7 +112,7 @@ def test_engines_under_the_cap_keep_their_own_label_and_no_overflow():
         # The idle reset and the capacity gauges reach the "other" children too.
         rt.recorder.record(*step(), engine_idx=99)
         rt.recorder.set_capacity({"blocks": 10, "block_size": 16, "bytes_per_token": 2.0})
-        rt.recorder.reset_engine_state()
+        rt.check_idle(now=time.time() + 3600)  # the idle watchdog, an hour later
         s = Samples(generate_latest(rt.registry).decode())
         assert s.get("vllm_kv_cache_capacity_tokens", engine="other") == 160
         assert s.get("vllm_requests_running", engine="other") == 0
@@ -199,7 +200,7 @@ def test_adapter_series_follow_vllms_lists_and_the_idle_reset():
         assert series["vllm_lora_requests_waiting"] == {"a": 0, "b": 2}
         rt.recorder.record(*step(running_adapters={"b": 2}), engine_idx=0)
         assert lora_series(rt)["vllm_lora_requests_running"] == {"a": 0, "b": 2}
-        rt.recorder.reset_engine_state()  # the idle watchdog, from its own thread
+        rt.check_idle(now=time.time() + 3600)  # the idle watchdog, an hour later
         assert lora_series(rt)["vllm_lora_requests_running"] == {"a": 0, "b": 0}
         rt.recorder.record(*step(running_adapters={"c": 1}), engine_idx=0)
         assert lora_series(rt)["vllm_lora_requests_running"] == {"a": 0, "b": 0, "c": 1}
@@ -230,7 +231,7 @@ def test_every_engine_family_is_labelled_only_by_bounded_inputs():
     cap of its own, and this test makes adding one a conscious decision."""
     bounded = {"model", "engine", "adapter", "finish_reason", "objective", "result", "path",
                "code", "component", "reason", "label", "version", "vllm_version",
-               "python_version", "mode", "state"}
+               "python_version", "mode", "state", "role"}
     from exporter.metrics import ENGINE_CONFIG_LABELS, FAMILIES
 
     for family in FAMILIES:

@@ -79,6 +79,18 @@ def test_flags_override_the_file(tmp_path):
     ("slo: {objectives: [{name: x, signal: ttft}]}", "slo.objectives[0].signal", "must be one of"),
     ("engine: [1, 2]", "engine", "must be a mapping"),
     ("api: {port: 9000}\nmetrics: {port: 9000}", "metrics.port", "must differ"),
+    # process topologies the daemon cannot run (docs/topologies.md)
+    ("engine: {api_server_count: 0}", "engine.api_server_count", "positive"),
+    ("engine: {data_parallel_size: -1}", "engine.data_parallel_size", "positive"),
+    ("engine: {extra_args: {api-server-count: 2}}", "engine.extra_args.api_server_count",
+     "set engine.api_server_count instead"),
+    ("engine: {extra_args: {data_parallel_size: 2}}", "engine.extra_args.data_parallel_size",
+     "set engine.data_parallel_size instead"),
+    ("engine: {extra_args: {headless: true}}", "engine.extra_args.headless", "serves no API"),
+    ("engine: {data_parallel_size: 2, extra_args: {data_parallel_size_local: 4}}",
+     "engine.extra_args.data_parallel_size_local", "exceed data_parallel_size 2"),
+    ("engine: {api_server_count: 2, extra_args: {data_parallel_external_lb: true}}",
+     "engine.api_server_count", "external load balancing"),
 ])
 def test_bad_values_name_file_field_and_problem(tmp_path, text, field, words):
     path = write(tmp_path, text)
@@ -111,6 +123,16 @@ def test_check_config_exit_codes(tmp_path, capsys):
     assert main(["check-config", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "engine.gpu_memory_utilization" in err and "(0, 1]" in err
+
+
+def test_topology_flags_and_engine_args(tmp_path, capsys):
+    args = ["check-config", "--api-server-count", "2", "--data-parallel-size", "2"]
+    assert main(args) == 0
+    assert main(["check-config", "--engine-arg", "api_server_count=2"]) == 2
+    err = capsys.readouterr().err
+    assert "engine.extra_args.api_server_count" in err and "set engine.api_server_count" in err
+    assert main(["check-config", "--api-server-count", "0"]) == 2
+    assert "engine.api_server_count" in capsys.readouterr().err
 
 
 def _serve(args: list[str], timeout: float = 120) -> tuple[int, str, float]:

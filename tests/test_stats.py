@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 
 import pytest
 from prometheus_client import generate_latest
@@ -14,7 +15,7 @@ from vllm.v1.metrics.stats import (
     SchedulerStats,
 )
 
-from exporter import runtime as runtime_module
+from exporter import frontend as frontend_module
 from exporter.config import load_config
 from exporter.default_model import ensure_default_model
 from exporter.runtime import Runtime
@@ -117,32 +118,57 @@ def test_latency_objectives_are_judged_per_request_at_the_exact_threshold(rt):
     assert s.get("vllm_slo_requests_total", objective="tpot", result="bad") == 1
 
 
+def idle_check(rt: Runtime, after: float) -> None:
+    """One side-loop round `after` seconds past now: the front end publishes its unfinished
+    requests, then the runtime judges idleness."""
+    rt.frontend.check()
+    rt.check_idle(now=time.time() + after)
+
+
 def test_idle_watchdog_resets_stale_gauges_only_when_nothing_is_unfinished(rt):
     busy = SchedulerStats(num_running_reqs=4, num_waiting_reqs=2, kv_cache_usage=0.5)
     rt.recorder.record(busy, None)
     unfinished = {"n": 6}
-    rt.watch_engine(lambda: unfinished["n"], lambda: False)
+    rt.watch_engine(lambda: (unfinished["n"], {0: unfinished["n"]}), lambda: False)
 
-    rt.check_idle()  # just stepped: not idle
+    idle_check(rt, after=0)  # just stepped: not idle
     assert samples(rt).get("vllm_requests_running", engine="0") == 4
 
-    rt.recorder.last_step_monotonic -= 60  # a minute without steps...
-    rt.check_idle()  # ...but the front end still holds requests: a stall, keep the values
+    idle_check(rt, after=60)  # a minute without steps, but requests in flight: a stall
     s = samples(rt)
     assert s.get("vllm_requests_running", engine="0") == 4
     assert s.get("vllm_requests_waiting", engine="0") == 2
     assert s.get("vllm_frontend_requests_unfinished") == 6
+    assert s.get("vllm_engine_requests_unfinished", engine="0") == 6
     assert s.get("vllm_exporter_idle_resets_total") == 0
 
     unfinished["n"] = 0  # every request aborted: vLLM sends no more stats
-    rt.check_idle()
+    idle_check(rt, after=60)
     s = samples(rt)
     assert s.get("vllm_requests_running", engine="0") == 0
     assert s.get("vllm_requests_waiting", engine="0") == 0
     assert s.get("vllm_kv_cache_usage_ratio", engine="0") == 0
     assert s.get("vllm_exporter_idle_resets_total") == 1
-    rt.check_idle()  # nothing stale any more: no second reset
+    idle_check(rt, after=61)  # nothing stale any more: no second reset
     assert samples(rt).get("vllm_exporter_idle_resets_total") == 1
+
+    rt.recorder.record(busy, None)  # the next step brings the engine's own values back
+    assert samples(rt).get("vllm_requests_running", engine="0") == 4
+
+
+def test_idle_is_judged_per_engine_rank(rt):
+    """Data parallelism: rank 1 went idle with stale gauges while rank 0 still has work."""
+    rt.recorder.record(SchedulerStats(num_running_reqs=3, kv_cache_usage=0.3), None, 0)
+    rt.recorder.record(SchedulerStats(num_running_reqs=2, kv_cache_usage=0.2), None, 1)
+    rt.watch_engine(lambda: (5, {0: 5, 1: 0}), lambda: False)
+    idle_check(rt, after=60)
+    s = samples(rt)
+    assert s.get("vllm_requests_running", engine="0") == 3  # stalled with work: kept
+    assert s.get("vllm_requests_running", engine="1") == 0  # idle: reset
+    assert s.get("vllm_kv_cache_usage_ratio", engine="1") == 0
+    assert s.get("vllm_engine_requests_unfinished", engine="0") == 5
+    assert s.get("vllm_engine_requests_unfinished", engine="1") == 0
+    assert s.get("vllm_exporter_idle_resets_total") == 1
 
 
 def test_engine_death_is_seen_by_the_health_check(rt):
@@ -173,7 +199,7 @@ def test_stat_logger_with_a_real_vllm_config(vllm_config):
 
     config = load_config(None, {"gpu.enabled": False})
     rt = Runtime(config, mode="daemon")
-    runtime_module.install(rt)
+    frontend_module.install(rt.frontend)
     try:
         first = ExporterStatLogger(vllm_config, engine_indexes=[0])
         second = ExporterStatLogger(vllm_config, engine_indexes=[0])  # e.g. via the entry point
@@ -196,5 +222,5 @@ def test_stat_logger_with_a_real_vllm_config(vllm_config):
         assert info["max_model_len"] == "512" and info["model"] == "tiny"
         assert info["dtype"] == "bfloat16" and info["quantization"] == "none"
     finally:
-        runtime_module.install(None)
+        frontend_module.install(None)
         rt.stop()

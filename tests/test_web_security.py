@@ -22,7 +22,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from exporter import cli, daemon as daemon_module, web_config
+from exporter import cli, metrics_process, web_config
 from exporter.config import ConfigError, load_config
 from exporter.runtime import Runtime
 from exporter.web_config import load_web_config
@@ -214,7 +214,7 @@ def test_reload_picks_up_a_new_user_and_an_invalid_file_keeps_the_old(tmp_path, 
     url = f"https://127.0.0.1:{rt.server.port}/metrics"
     previous = signal.getsignal(signal.SIGHUP)
     try:
-        daemon_module._install_reload_handler(rt)
+        metrics_process.install_reload_handler(rt)
         with tls_client(pki) as client:
             assert client.get(url, auth=("alice", "wonderland")).status_code == 401
             write_web_config(path, pki, {"alice": "wonderland"})
