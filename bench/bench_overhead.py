@@ -131,19 +131,23 @@ async def workload(api_url: str, model: str, requests: int, concurrency: int, pr
             async with semaphore:
                 sent = time.perf_counter()
                 first = None
-                async with client.stream("POST", api_url + "/v1/completions",
-                                         json=payload) as response:
-                    if response.status_code != 200:
-                        failed += 1
-                        return
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data: {"):
-                            continue
-                        chunk = json.loads(line[6:])
-                        if first is None and chunk.get("choices"):
-                            first = time.perf_counter() - sent
-                        if chunk.get("usage"):
-                            tokens += chunk["usage"]["completion_tokens"]
+                try:
+                    async with client.stream("POST", api_url + "/v1/completions",
+                                             json=payload) as response:
+                        if response.status_code != 200:
+                            failed += 1
+                            return
+                        async for line in response.aiter_lines():
+                            if not line.startswith("data: {"):
+                                continue
+                            chunk = json.loads(line[6:])
+                            if first is None and chunk.get("choices"):
+                                first = time.perf_counter() - sent
+                            if chunk.get("usage"):
+                                tokens += chunk["usage"]["completion_tokens"]
+                except httpx.HTTPError:  # counted and shown: a failed request is no token
+                    failed += 1
+                    return
                 if first is not None:
                     ttfts.append(first)
 
@@ -156,10 +160,13 @@ async def workload(api_url: str, model: str, requests: int, concurrency: int, pr
 
 # --- the scraper, in a process of its own ------------------------------------------------------
 
-def scrape_loop(urls: dict[str, str], stop, interval: float, out) -> None:
+def scrape_loop(urls: dict[str, str], ready, stop, interval: float, out) -> None:
     """GET each URL in turn until `stop` is set; send {name: [milliseconds]} back."""
     times: dict[str, list[float]] = {name: [] for name in urls}
     with httpx.Client(timeout=30) as client:
+        for url in urls.values():  # connections made, imports done: the measured part starts
+            client.get(url)
+        ready.set()
         while not stop.is_set():
             for name, url in urls.items():
                 started = time.perf_counter()
@@ -171,6 +178,8 @@ def scrape_loop(urls: dict[str, str], stop, interval: float, out) -> None:
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
+    if not ordered:
+        return float("nan")
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
@@ -275,12 +284,13 @@ def main() -> None:
         concurrency = max(args.concurrency)
         context = multiprocessing.get_context("spawn")
         receive, send = context.Pipe(duplex=False)
-        stop = context.Event()
+        stop, ready = context.Event(), context.Event()
         scrape_urls = {"ours /metrics": metrics_url, "vLLM's /metrics": urls["daemon"] + "/metrics"}
         with paused([p for n, p in groups.items() if n != "daemon"]):
             scraper = context.Process(target=scrape_loop,
-                                      args=(scrape_urls, stop, args.scrape_interval, send))
+                                      args=(scrape_urls, ready, stop, args.scrape_interval, send))
             scraper.start()
+            ready.wait(120)
             asyncio.run(workload(urls["daemon"], model, args.requests, concurrency,
                                  args.prompt_words, args.max_tokens))
             stop.set()

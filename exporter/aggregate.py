@@ -24,10 +24,8 @@ render that rank's running/waiting/KV/LoRA gauges as 0 until its next step.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
-import math
 import mmap
 import os
 import threading
@@ -42,9 +40,8 @@ from prometheus_client.core import (
     Metric,
 )
 
-from prometheus_client.utils import floatToGoString
-
-from .metrics import FAMILIES, FamilySpec, format_bound
+from .exposition import bound_texts, header, label_text, num
+from .metrics import FAMILIES, FamilySpec
 from .shard import INDEX_SUFFIX, SHARD_SUFFIX, pid_alive, process_start_time
 
 log = logging.getLogger("exporter.aggregate")
@@ -266,7 +263,7 @@ class ShardCollector:
             family = HistogramMetricFamily(spec.name, spec.help, labels=spec.labels)
             for labels, (bounds, counts, total) in values.items():
                 cumulative, running = [], 0.0
-                for bound, count in zip(_bound_texts(bounds), counts):
+                for bound, count in zip(bound_texts(bounds), counts):
                     running += count
                     cumulative.append((bound, running))
                 family.add_metric(list(labels), cumulative, total)
@@ -286,25 +283,25 @@ class ShardCollector:
         add = lines.append
         for spec, values in self.merged():
             name = spec.name
-            head = spec.client_name if openmetrics and spec.kind == "counter" else name
-            add(f"# HELP {head} {_escape_help(spec.help, openmetrics)}\n"
-                f"# TYPE {head} {'gauge' if spec.kind == 'info' else spec.kind}\n")
+            kind = "gauge" if spec.kind == "info" else spec.kind
+            add(header(spec.client_name if kind == "counter" else name, kind, spec.help,
+                       openmetrics))
             names = spec.labels
             if spec.kind == "histogram":
                 for labels, (bounds, counts, total) in values.items():
-                    pairs = _label_text(names, labels)
+                    pairs = label_text(names, labels)
                     prefix = f"{name}_bucket{{{pairs}{',' if pairs else ''}le=\""
                     running = 0.0
-                    for bound, count in zip(_bound_texts(bounds), counts):
+                    for bound, count in zip(bound_texts(bounds), counts):
                         running += count
-                        add(f'{prefix}{bound}"}} {_num(running)}\n')
+                        add(f'{prefix}{bound}"}} {num(running)}\n')
                     braces = f"{{{pairs}}}" if pairs else ""
-                    add(f"{name}_count{braces} {_num(running)}\n{name}_sum{braces} {_num(total)}\n")
+                    add(f"{name}_count{braces} {num(running)}\n{name}_sum{braces} {num(total)}\n")
                 continue
             sample = name if spec.kind != "counter" else spec.client_name + "_total"
             for labels, value in values.items():
-                pairs = _label_text(names, labels)
-                add(f"{sample}{{{pairs}}} {_num(value)}\n" if pairs else f"{sample} {_num(value)}\n")
+                pairs = label_text(names, labels)
+                add(f"{sample}{{{pairs}}} {num(value)}\n" if pairs else f"{sample} {num(value)}\n")
         return "".join(lines)
 
     @contextlib.contextmanager
@@ -380,29 +377,3 @@ class ShardCollector:
                     log.warning("%s: shards disagree on bucket bounds; %s left out", spec.name,
                                 shard.path.name)
         return merged
-
-
-def _num(value: float) -> str:
-    return repr(value) if math.isfinite(value) else floatToGoString(value)
-
-
-@functools.lru_cache(maxsize=64)
-def _bound_texts(bounds: tuple[float, ...]) -> tuple[str, ...]:
-    """`le` values as prometheus-client spells them (a series' identity: must never change)."""
-    return tuple(format_bound(b) for b in bounds) + ("+Inf",)
-
-
-def _escape_value(value: str) -> str:
-    if "\\" in value or "\n" in value or '"' in value:
-        value = value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-    return value
-
-
-def _label_text(names: tuple[str, ...], values: tuple[str, ...]) -> str:
-    return ",".join(f'{n}="{_escape_value(v)}"' for n, v in zip(names, values))
-
-
-@functools.lru_cache(maxsize=512)
-def _escape_help(text: str, openmetrics: bool) -> str:
-    text = text.replace("\\", "\\\\").replace("\n", "\\n")
-    return text.replace('"', '\\"') if openmetrics else text

@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ LOCK_NAME = "metrics.lock"
 CONFIG_NAME = "config.yaml"
 ENV_SHARD_DIR = "VLLM_EXPORTER_SHARD_DIR"
 BIND_RETRY_SECONDS = 5.0
+SWITCH_INTERVAL_SECONDS = 0.0005
 
 
 def shard_dir_for_this_server() -> Path:
@@ -54,8 +56,14 @@ def shard_dir_for_this_server() -> Path:
     if explicit:
         return Path(explicit)
     shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    key = hashlib.sha1(shared.encode()).hexdigest()[:16] if shared else f"pid{os.getpid()}"
-    return Path(default_shard_root()) / f"vllm-exporter-{key}"
+    if shared:
+        return Path(default_shard_root()) / \
+            f"vllm-exporter-{hashlib.sha1(shared.encode()).hexdigest()[:16]}"
+    directory = Path(default_shard_root()) / f"vllm-exporter-pid{os.getpid()}"
+    # The only front end, starting now: whatever is there was left by an earlier process with
+    # the same pid (killed before its metrics process cleaned up) and must not count.
+    shutil.rmtree(directory, ignore_errors=True)
+    return directory
 
 
 def try_lock(directory: Path) -> int | None:
@@ -135,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", required=True)
     parser.add_argument("--config")
     parser.add_argument("--mode", default="plugin", choices=["plugin", "daemon"])
-    parser.add_argument("--lock-fd", type=int)
-    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--lock-fd", type=int,
+                        help="the shard directory's lock, inherited and held open for life")
+    parser.add_argument("--ready-fd", type=int,
+                        help="a pipe to report 'ok PORT' or 'error: ...' on once bound")
     parser.add_argument("--root-pid", type=int, default=os.getppid())
     parser.add_argument("--spawner-pid", type=int, default=os.getppid())
     parser.add_argument("--detach", action="store_true")
@@ -145,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(0)  # the intermediate process: its child carries on, outside vLLM's tree
     if args.detach:
         os.setsid()
+    # A scrape should not wait behind the alert or GPU threads for Python's default 5 ms
+    # switch interval: hand the GIL over more often (this process does little else).
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
     from .alerts import prepare_alerts
     from .config import ConfigError
@@ -258,8 +271,6 @@ def _serve_until_orphaned(rt, stop: threading.Event, spawner_pid: int) -> None:
 
 
 def _remove_shards(directory: Path) -> None:
-    import shutil
-
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from .exposition import render_families
 from .metrics import EngineMetrics
 from .web_config import WebConfig
 
@@ -97,19 +98,28 @@ class MetricsServer:
     def render_metrics(self, accept: str | None, accept_encoding: str | None):
         started = time.perf_counter()
         encoder, content_type = choose_encoder(accept or "")
-        if self.shards is None:
-            body = encoder(self.registry)
-        else:  # the shard families written directly, everything else by the encoder
-            with self.shards.rendered_apart():
-                rest = encoder(self.registry)
-            openmetrics = content_type.startswith("application/openmetrics-text")
-            body = self.shards.render(openmetrics).encode() + rest
+        body = self._render_fast(content_type) or encoder(self.registry)
         if accept_encoding and "gzip" in accept_encoding:
             body, encoding = gzip.compress(body, compresslevel=1), "gzip"
         else:
             encoding = None
         self._scrape_duration.observe(time.perf_counter() - started)
         return content_type, body, encoding
+
+    def _render_fast(self, content_type: str) -> bytes | None:
+        """The shard families straight from the shards, the others through exposition.py;
+        None where prometheus-client's encoder must do it."""
+        if self.shards is None:
+            return None
+        openmetrics = content_type.startswith("application/openmetrics-text; version=1.0.0")
+        if not openmetrics and not content_type.startswith("text/plain; version=0.0.4"):
+            return None
+        with self.shards.rendered_apart():
+            rest = render_families(self.registry.collect(), openmetrics)
+        if rest is None:
+            return None
+        body = self.shards.render(openmetrics) + rest
+        return (body + "# EOF\n" if openmetrics else body).encode()
 
     def landing_page(self) -> bytes:
         healthy, ready, state = self.health()

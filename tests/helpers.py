@@ -35,6 +35,19 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def wait_for_vllm(process, api_url: str, log, what: str, timeout: float = 420) -> None:
+    """Until vLLM's /health at `api_url` answers 200; fails at once if `process` exits."""
+
+    def healthy() -> bool:
+        assert process.poll() is None, log.read_text()[-4000:]
+        try:
+            return http_get(f"{api_url}/health", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    wait_for(healthy, timeout, interval=1, what=what)
+
+
 def http_get(url: str, timeout: float = 5.0, headers: dict | None = None,
              context: ssl.SSLContext | None = None) -> tuple[int, bytes, dict]:
     request = urllib.request.Request(url, headers=headers or {})

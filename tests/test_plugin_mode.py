@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, daemon_env, stop_process_group
 from exporter.default_model import ensure_default_model
-from helpers import free_port, http_get, scrape, wait_for
+from helpers import free_port, http_get, scrape, wait_for_vllm
 
 
 def test_entry_point_is_registered():
@@ -37,14 +37,7 @@ def test_vllm_own_server_gains_our_metrics_port(tmp_path):
         stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
         start_new_session=True)
     try:
-        def api_ready() -> bool:
-            assert process.poll() is None, log.read_text()[-4000:]
-            try:
-                return http_get(f"http://127.0.0.1:{api_port}/health", timeout=2)[0] == 200
-            except OSError:
-                return False
-
-        wait_for(api_ready, 420, interval=1, what="vLLM's own server")
+        wait_for_vllm(process, f"http://127.0.0.1:{api_port}", log, "vLLM's own server")
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         before = scrape(metrics_url)
         assert before.get("vllm_exporter_build_info", mode="plugin") == 1

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from prometheus_client import generate_latest
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from conftest import ROOT
 from exporter.aggregate import ShardCollector, ShardSet
+from exporter.alerts.service import AlertingService, load_rules
 from exporter.config import load_config
 from exporter.runtime import Runtime
 from helpers import Samples, wait_for
@@ -125,37 +127,42 @@ def test_a_death_reported_by_one_process_wins_over_serving_ones(shard_dir):
 
 
 def test_fast_render_equals_the_encoders_and_passes_promtool(shard_dir, tmp_path):
-    """The metrics port writes the shard families itself; the result must be what
-    prometheus-client's encoders print for the same families, in both formats."""
+    """The metrics port writes its exposition itself (aggregate.py, exposition.py); the result
+    must be what prometheus-client's encoders print for the same registry, in both formats."""
     writers = [writer(shard_dir, running=2, tokens=4, stamp=10.0, hold=60) for _ in range(2)]
-    rt = Runtime(load_config(None, {"gpu.enabled": False}), mode="plugin",
-                 shard_dir=str(shard_dir), role="metrics")
+    config = load_config(None, {"gpu.enabled": False, "metrics.port": 0})
+    rt = Runtime(config, mode="plugin", shard_dir=str(shard_dir), role="metrics")
+    service = AlertingService(config, load_rules(config))
     try:
+        rt.bind_metrics_port()
+        service.start(rt, thread=False)
+        service.tick(time.time())
         rt.frontend.metrics.requests_aborted.labels('quote " and \\ back\nslash').inc(2)
-        collector = rt.collector
+        rt.metrics.scrape_duration_seconds.observe(0.002)
 
         def samples(text: str, parse) -> list:
             return sorted((s.name, tuple(sorted(s.labels.items())), s.value)
                           for family in parse(text) for s in family.samples)
 
-        for encoder, parse, openmetrics in ((generate_latest, parse_text, False),
-                                            (openmetrics_latest, parse_om, True)):
-            with collector.rendered_apart():
-                rest = encoder(rt.registry).decode()
-            fast = collector.render(openmetrics) + rest
-            slow = encoder(rt.registry).decode()
+        for accept, encoder, parse in (
+                ("text/plain", generate_latest, parse_text),
+                ("application/openmetrics-text; version=1.0.0", openmetrics_latest, parse_om)):
+            slow = encoder(rt.registry).decode()  # first: a render counts its own duration
+            content_type, fast, _ = rt.server.render_metrics(accept, None)
+            assert content_type.startswith(accept)
+            fast = fast.decode()
             assert samples(fast, parse) == samples(slow, parse)
-            help_lines = sorted(line for line in fast.splitlines() if line.startswith("#"))
-            assert help_lines == sorted(line for line in slow.splitlines()
-                                        if line.startswith("#"))
+            assert sorted(line for line in fast.splitlines() if line.startswith("#")) == \
+                sorted(line for line in slow.splitlines() if line.startswith("#"))
+            assert len(fast.splitlines()) == len(slow.splitlines())
         promtool = shutil.which("promtool")
         assert promtool, "scripts/setup.sh installs promtool"
-        with collector.rendered_apart():
-            rest = generate_latest(rt.registry).decode()
-        checked = subprocess.run([promtool, "check", "metrics"], input=collector.render(False)
-                                 + rest, capture_output=True, text=True)
-        # promtool lints too (e.g. counters without _total in HELP); only errors fail here.
-        assert "error" not in checked.stderr.lower(), checked.stderr
+        _, text, _ = rt.server.render_metrics("text/plain", None)
+        checked = subprocess.run([promtool, "check", "metrics"], input=text.decode(),
+                                 capture_output=True, text=True)
+        # promtool also lints (naming advice); a malformed exposition is an error.
+        assert "error" not in checked.stderr.lower() and "error" not in \
+            checked.stdout.lower(), checked.stdout + checked.stderr
     finally:
         rt.stop()
         for process in writers:

@@ -18,11 +18,9 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
@@ -30,7 +28,15 @@ from conftest import ROOT, daemon_config, daemon_env, start_daemon, stop_process
 from exporter.aggregate import ShardSet
 from exporter.alerts.defaults import default_rule_file
 from exporter.default_model import ensure_default_model
-from helpers import Samples, engine_core_pids, free_port, http_get, scrape, wait_for
+from helpers import (
+    Samples,
+    engine_core_pids,
+    free_port,
+    http_get,
+    scrape,
+    wait_for,
+    wait_for_vllm,
+)
 
 VLLM_CLI = ROOT / "tests" / "vllm_cli.py"
 
@@ -84,14 +90,7 @@ def test_vllm_serve_with_two_api_servers_has_one_exact_metrics_endpoint(tmp_path
     api_url = f"http://127.0.0.1:{api_port}"
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
-        def api_ready() -> bool:
-            assert process.poll() is None, log.read_text()[-4000:]
-            try:
-                return http_get(f"{api_url}/health", timeout=2)[0] == 200
-            except OSError:
-                return False
-
-        wait_for(api_ready, 420, interval=1, what="vllm serve with two API servers")
+        wait_for_vllm(process, api_url, log, "vllm serve with two API servers")
         busy = [line for line in log.read_text(errors="replace").splitlines()
                 if f"cannot listen on 127.0.0.1:{metrics_port}" in line]
         assert len(busy) == 1, busy  # one line for the server, not one per process
