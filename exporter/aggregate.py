@@ -343,7 +343,8 @@ class ShardCollector:
                 elif winner is None or winner[1] is shard:
                     out[s.labels] = values[s.slot]
                 else:
-                    out.setdefault(s.labels, 0.0)  # listed elsewhere only: 0 unless the winner has it
+                    # listed by another process only: 0 unless the winner lists it
+                    out.setdefault(s.labels, 0.0)
         return out
 
     @staticmethod

@@ -357,6 +357,7 @@ def config_from_environment() -> Config:
     if os.environ.get(ENV_METRICS_PORT):
         port = os.environ[ENV_METRICS_PORT]
         if not port.isdigit():
-            raise ConfigError(ENV_METRICS_PORT, "metrics.port", f"must be a port number, got {port!r}")
+            raise ConfigError(ENV_METRICS_PORT, "metrics.port",
+                              f"must be a port number, got {port!r}")
         overrides["metrics.port"] = int(port)
     return load_config(os.environ.get(ENV_CONFIG) or None, overrides)

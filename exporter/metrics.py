@@ -95,10 +95,12 @@ FAMILIES: tuple[FamilySpec, ...] = (
     # --- engine state, one update per engine step -------------------------------------------
     FamilySpec("vllm_requests_running", "gauge",
                "Requests in the engine's running batch.",
-               aggregate="latest", source="SchedulerStats.num_running_reqs (0 when idle, see docs/metrics-guide.md)"),
+               aggregate="latest",
+               source="SchedulerStats.num_running_reqs (0 when idle, see docs/metrics-guide.md)"),
     FamilySpec("vllm_requests_waiting", "gauge",
                "Requests waiting to be scheduled, deferred ones included.",
-               aggregate="latest", source="SchedulerStats.num_waiting_reqs + num_skipped_waiting_reqs"),
+               aggregate="latest",
+               source="SchedulerStats.num_waiting_reqs + num_skipped_waiting_reqs"),
     FamilySpec("vllm_lora_requests_running", "gauge",
                "Running requests per LoRA adapter (only adapters with requests are listed by "
                "vLLM; an adapter that has none shows 0). Beyond daemon.max_lora_adapters "
@@ -222,7 +224,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
                "1 for the engine's current state, 0 for the others: starting, serving, "
                "stopping (SIGTERM drain) or dead (the engine process died; the daemon exits "
                "daemon.exit_delay_seconds later).",
-               labels=("model", "state"), aggregate="state", source="the daemon's engine health check"),
+               labels=("model", "state"), aggregate="state",
+               source="the daemon's engine health check"),
     FamilySpec("vllm_engine_requests_unfinished", "gauge",
                "Requests sent to this engine rank that have not finished, summed over every "
                "API-server process (what the stall rule asks: does this rank have work?).",
@@ -231,7 +234,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("vllm_frontend_requests_unfinished", "gauge",
                "Requests the API front ends hold that have not finished, summed over every "
                "API-server process.",
-               labels=("model",), aggregate="sum_live", source="AsyncLLM.get_num_unfinished_requests()"),
+               labels=("model",), aggregate="sum_live",
+               source="AsyncLLM.get_num_unfinished_requests()"),
     FamilySpec("vllm_exporter_stat_logger_records_total", "counter",
                "Calls of our stat logger's record() (the hot path).",
                labels=(), source="the daemon"),

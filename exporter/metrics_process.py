@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             _report(args.ready_fd, f"error: config error: {exc}")
             rt.stop()
             return 2
-        if stop.wait(BIND_RETRY_SECONDS) or not pid_alive(args.spawner_pid) and not rt.live_writers():
+        orphaned = not pid_alive(args.spawner_pid) and not rt.live_writers()
+        if stop.wait(BIND_RETRY_SECONDS) or orphaned:
             rt.stop()
             return 0
     rt.start()

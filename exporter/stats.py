@@ -3,8 +3,9 @@
 `StatsRecorder.record()` runs on vLLM's asyncio event loop once per engine step (from the stat
 logger in plugin.py). It does a fixed amount of work per stat: every metric child it touches is
 bound once per engine index up front, so a step costs attribute lookups and slot writes into this
-process's shard (shard.py), never a label lookup, a lock, an allocation of label tuples, or I/O. Lists in the stats (first tokens,
-inter-token gaps, finished requests) cost one histogram observation per element, as they must.
+process's shard (shard.py), never a label lookup, a lock, an allocation of label tuples, or I/O.
+Lists in the stats (first tokens, inter-token gaps, finished requests) cost one histogram
+observation per element, as they must.
 
 This module reads vLLM's stats objects by attribute only and imports nothing from vLLM.
 """
@@ -133,7 +134,8 @@ class AdapterLabels:
 
 
 class StatsRecorder:
-    """Applies SchedulerStats / IterationStats to the engine metric families."""
+    """Applies SchedulerStats / IterationStats to the engine metric families (`metrics`: a
+    shard.ShardMetrics, the families of this process's shard)."""
 
     def __init__(self, metrics: Any, model: str, engine_indexes: Iterable[int] = (0,),
                  reason_name: Callable[[Any], str] = str,
