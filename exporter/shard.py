@@ -95,18 +95,18 @@ class ShardWriter:
         self.overflowed = 0
 
     def allocate(self, family: str, labels: tuple[str, ...], size: int = 1,
-                 bounds: tuple[float, ...] | None = None) -> int:
-        """Slots for one series, announced in the index; the scratch slot 3 if the shard is
-        full (the series then reads 0, and `overflowed` counts it)."""
+                 bounds: tuple[float, ...] | None = None) -> tuple[memoryview, int]:
+        """(values, first slot) for one series, announced in the index. With the shard full,
+        private memory that no reader sees (the series reads absent; `overflowed` counts it)."""
         with self._lock:
             if self._next + size > CAPACITY_SLOTS:
                 self.overflowed += 1
-                return 3
+                return memoryview(bytearray(size * 8)).cast("d"), 0
             slot, self._next = self._next, self._next + size
             self._index.write(json.dumps([slot, family, list(labels),
                                           list(bounds) if bounds is not None else None]) + "\n")
             self._index.flush()
-            return slot
+            return self.values, slot
 
     def announce_removed(self, slot: int) -> None:
         """The series at `slot` is gone: readers drop it (its counts stay in no total)."""
@@ -192,13 +192,13 @@ class ShardFamily:
             return child
         if len(key) != len(self.spec.labels):
             raise ValueError(f"{self.name}: expected labels {self.spec.labels}, got {key}")
-        values_view = self.writer.values
         if self.spec.kind == "histogram":
             assert self.bounds is not None
-            slot = self.writer.allocate(self.name, key, len(self.bounds) + 2, self.bounds)
+            values_view, slot = self.writer.allocate(self.name, key, len(self.bounds) + 2,
+                                                     self.bounds)
             child = HistogramChild(values_view, slot, self.bounds)
         else:
-            slot = self.writer.allocate(self.name, key)
+            values_view, slot = self.writer.allocate(self.name, key)
             if self.spec.kind == "counter":
                 child = (LockedCounterChild if self._locked else CounterChild)(values_view, slot)
             else:

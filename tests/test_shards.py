@@ -174,8 +174,8 @@ def test_index_lines_are_read_only_when_complete(shard_dir):
     from exporter.shard import ShardWriter
 
     w = ShardWriter(shard_dir, "frontend")
-    slot = w.allocate("vllm_requests_running", ("m", "0"))
-    w.values[slot] = 4
+    values, slot = w.allocate("vllm_requests_running", ("m", "0"))
+    values[slot] = 4
     index = w.index_path
     with open(index, "a") as f:  # a writer interrupted mid-line
         f.write('[99, "vllm_requests_waiting", ["m", ')
@@ -198,3 +198,23 @@ def test_the_metrics_process_does_not_import_vllm():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_full_shard_keeps_its_series_apart(shard_dir, monkeypatch):
+    """Beyond the shard's capacity a series gets private memory: it never overwrites another."""
+    from exporter import shard as shard_module
+
+    writer_ = shard_module.ShardWriter(shard_dir, "frontend")
+    monkeypatch.setattr(shard_module, "CAPACITY_SLOTS", writer_._next + 3)
+    metrics = shard_module.ShardMetrics(writer_, load_config(None).buckets())
+    running = metrics.requests_running.labels("m", "0")
+    running.set(7)
+    histogram = metrics.time_to_first_token_seconds.labels("m", "0")  # does not fit
+    for _ in range(5):
+        histogram.observe(0.5)
+    assert writer_.overflowed == 1
+    shard = ShardSet(shard_dir).refresh()[0]
+    [series] = shard.series("vllm_requests_running")
+    assert shard.values[series.slot] == 7
+    assert not list(shard.series("vllm_time_to_first_token_seconds"))
+    writer_.close()
