@@ -41,13 +41,11 @@ from prometheus_client.core import (
 )
 
 from .exposition import bound_texts, header, label_text, num
-from .metrics import FAMILIES, FamilySpec
+from .metrics import ENGINE_STATES, FAMILIES, STATE_SEVERITY, FamilySpec
 from .shard import INDEX_SUFFIX, SHARD_SUFFIX, pid_alive, process_start_time
 
 log = logging.getLogger("exporter.aggregate")
 
-ENGINE_STATES = ("starting", "serving", "stopping", "dead")
-STATE_SEVERITY = {"serving": 0, "starting": 1, "stopping": 2, "dead": 3}
 LAST_STEP = "vllm_engine_last_step_timestamp_seconds"
 IDLE_GAUGES = ("vllm_requests_running", "vllm_requests_waiting", "vllm_kv_cache_usage_ratio",
                "vllm_lora_requests_running", "vllm_lora_requests_waiting")
@@ -185,13 +183,17 @@ class ShardCollector:
                     newest[key] = (stamp, shard)
         return newest
 
-    def gauge_values(self, family: str, shards: list[Shard] | None = None
+    def gauge_values(self, family: str, shards: list[Shard] | None = None,
+                     stamps: dict[tuple[str, str], tuple[float, Shard]] | None = None
                      ) -> dict[tuple[str, ...], float]:
-        """One merged gauge or counter family as {labels: value} (no idle override)."""
+        """One merged gauge or counter family as {labels: value} (no idle override);
+        `stamps` (engine_stamps of the same shards) saves recomputing them."""
         spec = next(s for s in self.specs if s.name == family)
         shards = self.shards.refresh() if shards is None else shards
         if spec.merge == "latest":
-            return self._latest(spec, shards, self.engine_stamps(shards), idle=False)
+            if stamps is None:
+                stamps = self.engine_stamps(shards)
+            return self._latest(spec, shards, stamps, idle=False)
         return self._scalar(spec, shards)
 
     def engine_state(self, shards: list[Shard] | None = None) -> dict[str, str]:

@@ -66,8 +66,6 @@ def render_families(families: Iterable, openmetrics: bool) -> str | None:
         for sample in family.samples:
             if sample.timestamp is not None or sample.exemplar is not None:
                 return None
-            if sample.name.endswith("_created"):
-                continue  # never produced here (disabled); not rendered if it were
             labels = sample.labels
             pairs = ",".join(f'{k}="{escape_value(v)}"' for k, v in labels.items()) \
                 if labels else ""

@@ -15,12 +15,11 @@ import threading
 from typing import Any, Callable
 
 from .config import Config
+from .metrics import ENGINE_STATES
 from .shard import ShardMetrics, ShardWriter
 from .stats import StatsRecorder
 
 log = logging.getLogger("exporter.frontend")
-
-ENGINE_STATES = ("starting", "serving", "stopping", "dead")
 
 _current: "Frontend | None" = None
 _current_lock = threading.Lock()
@@ -53,7 +52,7 @@ class Frontend:
         # Called on the side thread at each check (plugin mode: restart the metrics process).
         self.on_check: list[Callable[[], None]] = []
         self._on_state = on_state
-        self._unfinished: Callable[[], Any] | None = None
+        self._unfinished: Callable[[], tuple[int, dict[int, int]]] | None = None
         self._engine_dead: Callable[[], bool] | None = None
         self._engine_children: dict[int, Any] = {}
         self._stop = threading.Event()
@@ -105,9 +104,10 @@ class Frontend:
     def count_client_aborts(self, n: int) -> None:
         self.metrics.requests_aborted.labels(self.model).inc(n)
 
-    def watch_engine(self, unfinished: Callable[[], Any], engine_dead: Callable[[], bool]) -> None:
-        """`unfinished()` -> (requests the front end holds, {engine rank: in flight}), or just
-        the count with one engine; `engine_dead()` -> whether the engine client has failed."""
+    def watch_engine(self, unfinished: Callable[[], tuple[int, dict[int, int]]],
+                     engine_dead: Callable[[], bool]) -> None:
+        """`unfinished()` -> (requests the front end holds, {engine rank: in flight});
+        `engine_dead()` -> whether the engine client has failed."""
         self._unfinished = unfinished
         self._engine_dead = engine_dead
 
@@ -150,13 +150,7 @@ class Frontend:
         if self._unfinished is None:
             return
         try:
-            result = self._unfinished()
-            if isinstance(result, tuple):
-                total, by_engine = result
-            else:  # a plain count: all of it on the one engine, if there is one
-                total = result
-                by_engine = {i: total for i in self._engine_children} \
-                    if len(self._engine_children) == 1 else {}
+            total, by_engine = self._unfinished()
             self.metrics.frontend_requests_unfinished.labels(self.model).set(total)
             for index, child in list(self._engine_children.items()):
                 child.set(by_engine.get(index, 0))

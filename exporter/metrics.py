@@ -19,6 +19,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.utils import floatToGoString
 
 ENGINE_LABELS = ("model", "engine")
+# The values of vllm_engine_state's `state` label, and how severe each is when processes that
+# share an engine report different ones (the most severe wins: aggregate.py).
+ENGINE_STATES = ("starting", "serving", "stopping", "dead")
+STATE_SEVERITY = {"serving": 0, "starting": 1, "stopping": 2, "dead": 3}
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             alerts.stop()
         rt.stop()
         if args.mode == "plugin":
-            _remove_shards(Path(args.dir))
+            shutil.rmtree(args.dir, ignore_errors=True)
     return 0
 
 
@@ -269,10 +269,6 @@ def _serve_until_orphaned(rt, stop: threading.Event, spawner_pid: int) -> None:
         if time.monotonic() - alone_since >= grace:
             log.info("no vLLM front end left; the metrics process ends")
             return
-
-
-def _remove_shards(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

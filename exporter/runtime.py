@@ -30,18 +30,24 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 
 from . import __version__
-from .aggregate import STATE_SEVERITY, ShardCollector, ShardSet
+from .aggregate import ShardCollector, ShardSet
 from .config import Config
-from .frontend import ENGINE_STATES, Frontend
+from .frontend import Frontend
 from .gpu import GpuCollector
-from .metrics import ENGINE_CONFIG_LABELS, ERROR_COMPONENTS, EngineMetrics, spec
+from .metrics import (
+    ENGINE_CONFIG_LABELS,
+    ERROR_COMPONENTS,
+    STATE_SEVERITY,
+    EngineMetrics,
+    spec,
+)
 from .metrics_server import MetricsServer
 from .stats import StatsRecorder
 from .web_config import load_web_config
 
 log = logging.getLogger("exporter.runtime")
 
-__all__ = ["Runtime", "ENGINE_STATES"]
+__all__ = ["Runtime"]
 
 PROCESS_ROLES = ("frontend", "daemon", "metrics")
 
@@ -70,7 +76,8 @@ class ProcessesCollector:
         return [GaugeMetricFamily(self.spec.name, self.spec.help, labels=self.spec.labels)]
 
     def collect(self):
-        self.shards.refresh()
+        # The shards as the ShardCollector (registered before this one, and rendered first on
+        # the fast path) or the side loop last refreshed them.
         counts = self.shards.processes()
         family = GaugeMetricFamily(self.spec.name, self.spec.help, labels=self.spec.labels)
         for role in PROCESS_ROLES:
@@ -146,8 +153,8 @@ class Runtime:
                            reason_name: Callable[[Any], str] = str) -> StatsRecorder:
         return self.frontend.attach_stat_logger(model, engine_indexes, reason_name)
 
-    def engine_initialized(self, config_labels: dict[str, str], geometry: dict[str, float],
-                           gpu_memory_utilization: float | None = None) -> None:
+    def engine_initialized(self, config_labels: dict[str, str],
+                           geometry: dict[str, float]) -> None:
         self.frontend.engine_initialized(config_labels, geometry)
         self.update_gpu_budget()
 
@@ -279,7 +286,7 @@ class Runtime:
             shards = self.shards.refresh()
             stamps = collector.engine_stamps(shards)
             idle = collector.idle_engines()
-            gauges = [collector.gauge_values(name, shards) for name in
+            gauges = [collector.gauge_values(name, shards, stamps) for name in
                       ("vllm_requests_running", "vllm_requests_waiting",
                        "vllm_kv_cache_usage_ratio")]
             unfinished = collector.gauge_values("vllm_engine_requests_unfinished", shards)

@@ -121,10 +121,6 @@ def kv_cache_geometry(vllm_config: Any) -> dict[str, float]:
     return {"blocks": blocks, "block_size": block_size, "bytes_per_token": per_token}
 
 
-def gpu_memory_utilization(vllm_config: Any) -> float | None:
-    return getattr(vllm_config.cache_config, "gpu_memory_utilization", None)
-
-
 def served_model_name(vllm_config: Any) -> str:
     name = vllm_config.model_config.served_model_name
     if isinstance(name, (list, tuple)):

@@ -173,7 +173,7 @@ def test_idle_is_judged_per_engine_rank(rt):
 
 def test_engine_death_is_seen_by_the_health_check(rt):
     dead = {"flag": False}
-    rt.watch_engine(lambda: 0, lambda: dead["flag"])
+    rt.watch_engine(lambda: (0, {}), lambda: dead["flag"])
     rt.set_engine_serving()
     rt.check_engine_health()
     assert rt.health() == (True, True, "serving")
