@@ -71,6 +71,8 @@ class Frontend:
         for index in engine_indexes:
             self._engine_children[index] = self.metrics.engine_requests_unfinished.labels(
                 model, str(index))
+        # Present at 0 before the first abort, so that rate() and increase() see the first one.
+        self.metrics.requests_aborted.labels(model)
         self.set_engine_state(self.engine_state or "starting")
         return self.recorder
 
