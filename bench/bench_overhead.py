@@ -7,10 +7,11 @@ interleaved, `--reps` times after a warm-up round, at each `--concurrency`; the 
 output throughput and client TTFT p50 of each and their ratios (targets: throughput >= 0.995 x
 vLLM alone, TTFT p50 within 1 %).
 
-Then, under the same load against the daemon, a separate scraper process GETs our /metrics and
-vLLM's own /metrics (on the daemon's API port) alternately and prints p50/p99 of both (target:
-ours p99 <= 5 ms on the GPU machine), our render time per scrape (target <= 1 ms) and our stat
-logger's time per engine step, both read from the daemon's own counters.
+Then, under the same load against the daemon, two scraper processes, one for our /metrics and
+one for vLLM's own /metrics (on the daemon's API port), each GET theirs over a keep-alive
+connection as Prometheus does, and the script prints p50/p99 of both (target: ours p99 <= 5 ms
+on the GPU machine), our render time per scrape (target <= 1 ms) and our stat logger's time per
+engine step, both read from the daemon's own counters over that run.
 
 On this machine (the embedded default model, both servers started here; the idle one is paused
 so it takes no CPU from the measured one):
@@ -202,18 +203,17 @@ class Client:
 
 # --- the scraper, in a process of its own ------------------------------------------------------
 
-def scrape_loop(urls: dict[str, str], ready, stop, interval: float, out) -> None:
-    """GET each URL in turn until `stop` is set; send {name: [milliseconds]} back."""
-    times: dict[str, list[float]] = {name: [] for name in urls}
+def scrape_loop(url: str, ready, stop, interval: float, out) -> None:
+    """GET `url` over one keep-alive connection (as Prometheus does) until `stop` is set; send
+    the milliseconds of each GET back."""
+    times: list[float] = []
     with httpx.Client(timeout=30) as client:
-        for url in urls.values():  # connections made, imports done: the measured part starts
-            client.get(url)
+        client.get(url)  # connection made, imports done: the measured part starts
         ready.set()
         while not stop.is_set():
-            for name, url in urls.items():
-                started = time.perf_counter()
-                client.get(url).raise_for_status()
-                times[name].append((time.perf_counter() - started) * 1e3)
+            started = time.perf_counter()
+            client.get(url).raise_for_status()
+            times.append((time.perf_counter() - started) * 1e3)
             time.sleep(interval)
     out.send(times)
 
@@ -225,19 +225,31 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def daemon_costs(metrics_url: str) -> tuple[float, float]:
-    """(mean render seconds per scrape, mean stat-logger seconds per record) so far."""
+def daemon_counters(metrics_url: str) -> dict[str, float]:
+    """The daemon's render and stat-logger counters now."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    values = {}
+    names = ("vllm_exporter_scrape_duration_seconds_sum",
+             "vllm_exporter_scrape_duration_seconds_count",
+             "vllm_exporter_stat_logger_seconds_total", "vllm_exporter_stat_logger_records_total")
+    values: dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=30).text):
         for sample in family.samples:
-            values.setdefault(sample.name, sample.value)
-    render = values["vllm_exporter_scrape_duration_seconds_sum"] / max(
-        1.0, values["vllm_exporter_scrape_duration_seconds_count"])
-    record = values["vllm_exporter_stat_logger_seconds_total"] / max(
-        1.0, values["vllm_exporter_stat_logger_records_total"])
-    return render, record
+            if sample.name in names:
+                values.setdefault(sample.name, sample.value)
+    return values
+
+
+def daemon_costs(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(mean render seconds per scrape, mean stat-logger seconds per record) between two
+    readings of `daemon_counters`."""
+    def mean(total: str, count: str) -> float:
+        return (after[total] - before[total]) / max(1.0, after[count] - before[count])
+
+    return (mean("vllm_exporter_scrape_duration_seconds_sum",
+                 "vllm_exporter_scrape_duration_seconds_count"),
+            mean("vllm_exporter_stat_logger_seconds_total",
+                 "vllm_exporter_stat_logger_records_total"))
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -280,6 +292,8 @@ def main() -> None:
     parser.add_argument("--scrape-interval", type=float, default=0.05)
     parser.add_argument("--client-processes", type=int, default=1,
                         help="client processes sharing the load (use several on a GPU host)")
+    parser.add_argument("--scrape-requests", type=int,
+                        help="requests of the load run under the scrapers (default --requests)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
@@ -312,47 +326,59 @@ def main() -> None:
             print(f"\nconcurrency {concurrency}: {args.requests} requests, {args.prompt_words} "
                   f"prompt words, {args.max_tokens} tokens out, {args.reps} interleaved reps")
             print(f"{'server':<14}{'tok/s median':>14}{'min':>10}{'max':>10}"
-                  f"{'TTFT p50 ms':>14}{'failed':>8}")
+                  f"{'TTFT p50 ms':>14}{'min':>10}{'max':>10}{'failed':>8}")
             medians = {}
             for name, reps in results.items():
                 tok = [r["tok_s"] for r in reps]
-                ttft = statistics.median(r["ttft_p50_ms"] for r in reps)
-                medians[name] = (statistics.median(tok), ttft)
+                ttft = [r["ttft_p50_ms"] for r in reps]
+                medians[name] = (statistics.median(tok), statistics.median(ttft))
                 print(f"{name:<14}{medians[name][0]:>14.1f}{min(tok):>10.1f}{max(tok):>10.1f}"
-                      f"{ttft:>14.1f}{sum(r['failed'] for r in reps):>8}")
+                      f"{medians[name][1]:>14.1f}{min(ttft):>10.1f}{max(ttft):>10.1f}"
+                      f"{sum(r['failed'] for r in reps):>8}")
             print(f"ratio daemon / vLLM alone: throughput "
                   f"{medians['daemon'][0] / medians['vLLM alone'][0]:.4f} (target >= 0.995), "
                   f"TTFT p50 {medians['daemon'][1] / medians['vLLM alone'][1]:.4f} "
                   f"(target within 1 %)")
 
-        # Scrape latency under the largest load, from a process of its own (a scraper thread
-        # here would share the load generator's GIL).
+        # Scrape latency under the largest load, from processes of their own (a scraper
+        # thread here would share the load generator's GIL), one per endpoint so that a slow
+        # endpoint does not thin out the other's samples.
         concurrency = max(args.concurrency)
         context = multiprocessing.get_context("spawn")
-        receive, send = context.Pipe(duplex=False)
-        stop, ready = context.Event(), context.Event()
+        stop = context.Event()
         scrape_urls = {"ours /metrics": metrics_url, "vLLM's /metrics": urls["daemon"] + "/metrics"}
+        scrapers = []
         with paused([p for n, p in groups.items() if n != "daemon"]):
-            scraper = context.Process(target=scrape_loop,
-                                      args=(scrape_urls, ready, stop, args.scrape_interval, send))
-            scraper.start()
-            ready.wait(120)
-            client.run(urls["daemon"], model, args.requests, concurrency,
-                       args.prompt_words, args.max_tokens)
+            for url in scrape_urls.values():
+                receive, send = context.Pipe(duplex=False)
+                ready = context.Event()
+                scraper = context.Process(target=scrape_loop,
+                                          args=(url, ready, stop, args.scrape_interval, send))
+                scraper.start()
+                scrapers.append((scraper, ready, receive))
+            for _, ready, _ in scrapers:
+                ready.wait(120)
+            before = daemon_counters(metrics_url)
+            client.run(urls["daemon"], model, args.scrape_requests or args.requests,
+                       concurrency, args.prompt_words, args.max_tokens)
             stop.set()
-            times = receive.recv()
-            scraper.join(30)
-        render, record = daemon_costs(metrics_url)
+            times = {name: receive.recv() for name, (_, _, receive) in zip(scrape_urls, scrapers)}
+            for scraper, _, _ in scrapers:
+                scraper.join(30)
+            render, record = daemon_costs(before, daemon_counters(metrics_url))
         report["scrapes"] = times
         report["render_ms"], report["stat_logger_us"] = render * 1e3, record * 1e6
-        print(f"\nscrapes under load (concurrency {concurrency}), from a separate process")
+        print(f"\nscrapes under load (concurrency {concurrency}), each endpoint from a process "
+              f"of its own")
         print(f"{'endpoint':<18}{'n':>6}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
         for name, values in times.items():
             print(f"{name:<18}{len(values):>6}{percentile(values, 0.5):>10.2f}"
                   f"{percentile(values, 0.99):>10.2f}{max(values):>10.2f}")
-        print(f"our render time per scrape (mean, vllm_exporter_scrape_duration_seconds): "
+        print(f"our render time per scrape in that run (mean, "
+              f"vllm_exporter_scrape_duration_seconds): "
               f"{render * 1e3:.3f} ms (target <= 1 ms)")
-        print(f"our stat logger per engine step (mean, vllm_exporter_stat_logger_seconds_total "
+        print(f"our stat logger per engine step in that run (mean, "
+              f"vllm_exporter_stat_logger_seconds_total "
               f"/ records): {record * 1e6:.1f} us")
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1, default=str))
