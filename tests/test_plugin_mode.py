@@ -1,5 +1,6 @@
 """Plugin mode: vLLM's own OpenAI server, started on its own, loads our stat logger through the
-`vllm.stat_logger_plugins` entry point and opens our metrics port."""
+`vllm.stat_logger_plugins` entry point and opens our metrics port. vLLM's own /metrics, in
+plugin and daemon mode, serves exactly the families of vLLM alone (no plugin loaded)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,70 @@ import time
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, daemon_env, stop_process_group
 from exporter.default_model import ensure_default_model
 from helpers import free_port, http_get, scrape, wait_for_vllm
+
+
+def family_shapes(exposition: str) -> dict[str, tuple[str, str, frozenset]]:
+    """{family: (type, help, label names)} of an exposition, values and label values aside."""
+    shapes = {}
+    for family in text_string_to_metric_families(exposition):
+        names = frozenset(k for sample in family.samples for k in sample.labels) - {"le"}
+        shapes[family.name] = (family.type, family.documentation, names)
+    return shapes
+
+
+def start_vllm_server(tmp_path, name: str, env: dict) -> tuple[subprocess.Popen, str]:
+    """vLLM's own OpenAI server on the default model; returns (process, API URL) once healthy."""
+    api_port = free_port()
+    log = tmp_path / f"{name}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+         "--model", str(ensure_default_model()), "--served-model-name", name,
+         "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(api_port)],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{api_port}"
+    try:
+        wait_for_vllm(process, url, log, name)
+    except BaseException:
+        stop_process_group(process)
+        raise
+    return process, url
+
+
+@pytest.fixture(scope="module")
+def vllm_alone_shapes(tmp_path_factory):
+    """The /metrics families of vLLM alone (no plugin loaded) on the default model, after one
+    request, so that every family vLLM creates on first use exists."""
+    tmp = tmp_path_factory.mktemp("vllm-alone")
+    process, url = start_vllm_server(tmp, "alone", dict(daemon_env(), VLLM_PLUGINS="none"))
+    try:
+        complete(url, "alone", "warm up")
+        return family_shapes(http_get(f"{url}/metrics", timeout=30)[1].decode())
+    finally:
+        stop_process_group(process)
+
+
+def complete(api_url: str, model: str, prompt: str) -> dict:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 6,
+                       "ignore_eos": True}).encode()
+    request = urllib.request.Request(f"{api_url}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def assert_same_families(ours: dict, alone: dict) -> None:
+    missing = sorted(set(alone) - set(ours))
+    extra = sorted(set(ours) - set(alone))
+    changed = sorted(name for name in set(ours) & set(alone) if ours[name] != alone[name])
+    assert not (missing or extra or changed), (
+        f"vLLM's /metrics differs from vLLM alone: missing {missing}, extra {extra}, "
+        f"changed {[(n, ours[n], alone[n]) for n in changed]}")
 
 
 def test_entry_point_is_registered():
@@ -23,21 +84,14 @@ def test_entry_point_is_registered():
 
 
 @pytest.mark.engine
-def test_vllm_own_server_gains_our_metrics_port(tmp_path):
-    api_port, metrics_port = free_port(), free_port()
+def test_vllm_own_server_gains_our_metrics_port(tmp_path, vllm_alone_shapes):
+    metrics_port = free_port()
     config = tmp_path / "plugin.yaml"
     config.write_text("daemon: {idle_timeout_seconds: 1.0}\ngpu: {enabled: false}\n")
     env = daemon_env()
     env.update(VLLM_EXPORTER_CONFIG=str(config), VLLM_EXPORTER_METRICS_PORT=str(metrics_port))
-    log = tmp_path / "vllm-server.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-         "--model", str(ensure_default_model()), "--served-model-name", "plugged",
-         "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(api_port)],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-        start_new_session=True)
+    process, api_url = start_vllm_server(tmp_path, "plugged", env)
     try:
-        wait_for_vllm(process, f"http://127.0.0.1:{api_port}", log, "vLLM's own server")
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         before = scrape(metrics_url)
         assert before.get("vllm_exporter_build_info", mode="plugin") == 1
@@ -45,13 +99,7 @@ def test_vllm_own_server_gains_our_metrics_port(tmp_path):
 
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         for i in range(3):
-            body = json.dumps({"model": "plugged", "prompt": f"plugin {i}", "max_tokens": 6,
-                               "ignore_eos": True}).encode()
-            request = urllib.request.Request(f"http://127.0.0.1:{api_port}/v1/completions",
-                                             data=body,
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=60) as response:
-                answer = json.loads(response.read())
+            answer = complete(api_url, "plugged", f"plugin {i}")
             for key in usage:
                 usage[key] += answer["usage"][key]
         time.sleep(0.5)
@@ -64,8 +112,19 @@ def test_vllm_own_server_gains_our_metrics_port(tmp_path):
         # The alert evaluator runs in plugin mode too.
         status, body, _ = http_get(f"http://127.0.0.1:{metrics_port}/alerts")
         assert status == 200 and json.loads(body)
-        # vLLM's own /metrics keeps working beside ours.
-        status, own, _ = http_get(f"http://127.0.0.1:{api_port}/metrics")
-        assert status == 200 and b"vllm:" in own
+        # vLLM's own /metrics beside ours: the very families vLLM alone serves.
+        status, own, _ = http_get(f"{api_url}/metrics", timeout=30)
+        assert status == 200
+        assert_same_families(family_shapes(own.decode()), vllm_alone_shapes)
     finally:
         stop_process_group(process)
+
+
+@pytest.mark.engine
+def test_vllm_metrics_on_the_daemons_api_port_are_vllm_alones(daemon, vllm_alone_shapes):
+    """Our package changes nothing in vLLM's registry (no `_created` stripped, no family added
+    or lost), in daemon mode too."""
+    complete(daemon.api_url, daemon.model, "warm up")
+    status, own, _ = http_get(f"{daemon.api_url}/metrics", timeout=30)
+    assert status == 200
+    assert_same_families(family_shapes(own.decode()), vllm_alone_shapes)
