@@ -109,7 +109,8 @@ def start_daemon(tmp: Path, config: dict, name: str = "daemon",
         stdout=log_file, stderr=subprocess.STDOUT, env=daemon_env(), cwd=ROOT,
         start_new_session=True)
     daemon = Daemon(process, config["api"]["port"], config["metrics"]["port"], log_path,
-                    config_path, config["engine"].get("served_model_name", Daemon.model), tls)
+                    config_path, config.get("engine", {}).get("served_model_name", Daemon.model),
+                    tls)
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -170,12 +170,13 @@ PROMPTS = ("The quick brown fox jumps over the lazy dog", "Tell me a story about
 
 @dataclass
 class Load(BackgroundLoad):
-    """Keeps `concurrency` workers sending completions (plain, streamed, and requests the client
-    abandons) until stopped; counts what finished and what was aborted."""
+    """Keeps `concurrency` workers sending completions (plain, streamed, and, with `abandons`,
+    requests the client abandons) until stopped; counts what finished and what was aborted."""
 
     api_url: str
     model: str
     concurrency: int = 4
+    abandons: bool = True
     finished: int = 0
     aborted: int = 0
     errors: list[str] = field(default_factory=list)
@@ -190,7 +191,7 @@ class Load(BackgroundLoad):
                 prompt = SHARED_PREFIX + prompt
             max_tokens = (8, 24, 48)[(index + n) % 3]
             try:
-                if n % 7 == 3:  # a client that gives up after 0.3 s: an abort at the API
+                if self.abandons and n % 7 == 3:  # a client that gives up after 0.3 s: an abort at the API
                     outcome = await abandoned_request(client, self.model,
                                                       PROMPTS[(index + n) % len(PROMPTS)],
                                                       timeout=0.3, max_tokens=480)

@@ -96,15 +96,17 @@ def heatmap(title: str, description: str, unit: str, bucket_expr: str, *,
 
 
 def table(title: str, description: str, targets: list[Target], *, unit: str = "string",
-          width: int = 24, height: int = 6, hide: tuple[str, ...] = ("Time", "__name__")) -> Panel:
+          width: int = 24, height: int = 6, hide: tuple[str, ...] = ("Time", "__name__"),
+          no_value: str | None = None) -> Panel:
     transformations = [{"id": "organize",
                         "options": {"excludeByName": {name: True for name in hide},
                                     "indexByName": {}, "renameByName": {}}}]
     options = {"showHeader": True, "cellHeight": "sm",
                "footer": {"show": False, "reducer": ["sum"], "countRows": False, "fields": ""}}
     custom = {"align": "auto", "cellOptions": {"type": "auto"}, "inspect": False}
-    return Panel("table", title, description, unit, targets, width, height, options, {}, custom,
-                 transformations)
+    defaults = {"noValue": no_value} if no_value else {}
+    return Panel("table", title, description, unit, targets, width, height, options, defaults,
+                 custom, transformations)
 
 
 def state_timeline(title: str, description: str, targets: list[Target], *,

@@ -56,7 +56,8 @@ def _collection() -> Row:
                               "tick {{instance}}"),
                        Target(f"time() - "
                               f"{sel('vllm_exporter_gpu_last_success_timestamp_seconds', SCOPE)}",
-                              "since last success {{instance}}")]),
+                              "since last success {{instance}}")],
+                   no_value="no GPU read yet (no NVML or no GPU)"),
         timeseries("Scrapes by path and code", "Requests to the metrics port.", "reqps",
                    [Target(sum_by(("path", "code"), rate("vllm_exporter_scrapes_total", SCOPE)),
                            "{{path}} {{code}}")]),

@@ -65,9 +65,11 @@ def _traffic() -> Row:
              [Target(f"count({RULE_STATE} == 2) or vector(0)", "firing")],
              thresholds=[(None, "green"), (1, "red")]),
         table("Firing alerts", "Every firing alert of this exporter's rules, with its labels, "
-              "as Prometheus evaluates them.", [Target(FIRING_ALERTS, instant=True,
-                                                       format="table")],
-              width=8, height=4, hide=("Time", "__name__", "Value", "alertstate")),
+              "as Prometheus evaluates them (empty when none fires, and when the rules of "
+              "deploy/prometheus/rules are not loaded in Prometheus: see docs/alerts.md).",
+              [Target(FIRING_ALERTS, instant=True, format="table")],
+              width=8, height=4, hide=("Time", "__name__", "Value", "alertstate"),
+              no_value="none firing (or rules not loaded)"),
     ])
 
 
