@@ -83,9 +83,11 @@ GPU_FAMILIES: tuple[FamilySpec, ...] = (
           "GPU memory the driver and firmware reserve.",
           GPU_LABELS, "nvmlDeviceGetMemoryInfo(v2).reserved"),
     _spec("gpu_memory_budget_bytes", "gauge",
-          "GPU memory the engine may take: gpu_memory_utilization x total, on the GPUs the "
-          "engine uses (present once the engine is up).",
-          GPU_LABELS, "set_memory_budget_ratio() x nvmlDeviceGetMemoryInfo.total"),
+          "GPU memory vLLM plans to take: gpu_memory_utilization x (total - reserved), as vLLM "
+          "computes it from cudaMemGetInfo, on the GPUs the engine uses (present once the "
+          "engine is up). The CUDA context and CUDA graphs come on top.",
+          GPU_LABELS, "set_memory_budget_ratio() x nvmlDeviceGetMemoryInfo(v2) (total - "
+                      "reserved)"),
     _spec("gpu_process_memory_used_bytes", "gauge",
           "GPU memory used by compute processes, by owner: engine = the daemon's process tree "
           "(daemon, engine core, workers), other = every other process.",
@@ -855,7 +857,10 @@ class GpuCollector:
                 samples.setdefault(family, []).extend(values)
             total = out.get("gpu_memory_total_bytes")
             if dev.index in self._visible and total:
-                engine_totals.append((dev.labels, total[0][1]))
+                # vLLM's total (cudaMemGetInfo) leaves out what the driver reserves.
+                reserved = out.get("gpu_memory_reserved_bytes")
+                engine_totals.append((dev.labels,
+                                      total[0][1] - (reserved[0][1] if reserved else 0.0)))
         return bool(s.devices) and not self._needs_reopen()
 
     def _read_device(self, s: _NvmlSession, dev: _Device, out: Samples, slow: bool) -> None:

@@ -153,6 +153,34 @@ def test_alerts_config_problems_name_the_field(tmp_path):
     assert err.value.field_path == "alerts.alertmanager.urls[0]"
 
 
+def test_a_replaced_threshold_is_refused_naming_its_replacement(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(
+        {"alerts": {"thresholds": {"gpu_memory_over_budget_ratio": 1.05}}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert err.value.field_path == "alerts.thresholds.gpu_memory_over_budget_ratio"
+    assert "gpu_memory_over_budget_bytes" in str(err.value)
+
+
+def test_a_difference_signal_subtracts_one_gauge_from_the_other():
+    signal = {"difference": {"minuend": {"metric": "gpu_process_memory_used_bytes",
+                                         "match": {"owner": "engine"}},
+                             "subtrahend": {"metric": "gpu_memory_budget_bytes"}},
+              "without": ["owner"]}
+    rules = parse_rules({"rules": [good_rule(signal=signal, above=5)]},
+                        SloConfig(), "test")
+    assert rules[0].expr.promql() == (
+        '(sum without (owner) (gpu_process_memory_used_bytes{owner="engine"}) - '
+        'sum without (owner) (gpu_memory_budget_bytes)) > 5')
+    counter = {"difference": {"minuend": {"metric": "vllm_requests_finished_total"},
+                              "subtrahend": {"metric": "gpu_memory_budget_bytes"}}}
+    with pytest.raises(ConfigError) as err:
+        parse_rules({"rules": [good_rule(signal=counter)]},
+                    SloConfig(), "test")
+    assert err.value.field_path.endswith("signal.difference.minuend.metric")
+
+
 def test_thresholds_change_the_default_pack(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"alerts": {"thresholds": {"ttft_p95_seconds": 0.75}}}))

@@ -561,14 +561,18 @@ def test_engine_visible_gpus_by_uuid_and_by_index_from_config_or_environment(mon
     assert value(s, "gpu_engine_visible", **gpu0(cuda_index="1")) == 1
 
 
-def test_memory_budget_is_ratio_times_total_on_the_engine_gpus_only(caplog):
+def test_memory_budget_is_ratio_times_total_less_reserved_on_the_engine_gpus_only(caplog):
+    """vLLM's budget is gpu_memory_utilization x cudaMemGetInfo's total, which is NVML's total
+    less what the driver reserves (480 MiB on an H100: docs/gpu-daemon-verification.md)."""
     uuid1 = UUID1.replace("1111", "0001")
     collector, registry = make(fake_pynvml.FakeNvml(recording(gpus=2)), cuda_visible_devices="0")
     collector.sample_once()
     assert "gpu_memory_budget_bytes" not in names(scrape(registry))
     collector.set_memory_budget_ratio(0.9)
     s = scrape(registry)
-    total = REC["nvmlDeviceGetMemoryInfo_v2"]["total"]
+    memory = REC["nvmlDeviceGetMemoryInfo_v2"]
+    total = memory["total"] - memory["reserved"]
+    assert memory["reserved"] > 0
     assert value(s, "gpu_memory_budget_bytes", **gpu0()) == pytest.approx(0.9 * total)
     assert value(s, "gpu_memory_budget_bytes", gpu="1", uuid=uuid1, name=NAME0) is None
     with caplog.at_level(logging.WARNING, logger="exporter.gpu"):

@@ -73,7 +73,7 @@ class AlertsConfig:
     alertmanager: AlertmanagerConfig = field(default_factory=AlertmanagerConfig)
 
     def problems(self) -> list[tuple[str, str]]:
-        from .defaults import DEFAULT_THRESHOLDS
+        from .defaults import DEFAULT_THRESHOLDS, RENAMED_THRESHOLDS
 
         out = []
         if self.evaluation_interval_seconds <= 0:
@@ -84,7 +84,9 @@ class AlertsConfig:
         if self.coarse_step_seconds <= 0:
             out.append(("coarse_step_seconds", "must be > 0"))
         for key, value in self.thresholds.items():
-            if key not in DEFAULT_THRESHOLDS:
+            if key in RENAMED_THRESHOLDS:
+                out.append((f"thresholds.{key}", RENAMED_THRESHOLDS[key]))
+            elif key not in DEFAULT_THRESHOLDS:
                 out.append((f"thresholds.{key}",
                             f"unknown threshold; known: {', '.join(DEFAULT_THRESHOLDS)}"))
             elif value < 0:

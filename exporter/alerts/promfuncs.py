@@ -131,6 +131,17 @@ def humanize(value: float) -> str:
     return go_g4(value) + prefix
 
 
+def humanize_1024(value: float) -> str:
+    """Prometheus' humanize1024: binary prefixes (ki, Mi, Gi, ...)."""
+    if math.isnan(value) or math.isinf(value) or abs(value) <= 1:
+        return go_g4(value)
+    for prefix in ("", "ki", "Mi", "Gi", "Ti", "Pi", "Ei", "Zi"):
+        if abs(value) < 1024:
+            return go_g4(value) + prefix
+        value /= 1024
+    return go_g4(value) + "Yi"
+
+
 def humanize_duration(value: float) -> str:
     if math.isnan(value) or math.isinf(value):
         return go_g4(value)

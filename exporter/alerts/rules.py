@@ -41,7 +41,7 @@ from .templates import check_template
 KINDS = ("threshold", "regression", "stall", "slo_burn")
 SEVERITIES = ("critical", "warning", "info")
 REQUIRED_ANNOTATIONS = ("summary", "description", "runbook_url")
-SIGNAL_TYPES = ("gauge", "rate", "increase", "quantile", "mean", "ratio", "age")
+SIGNAL_TYPES = ("gauge", "rate", "increase", "quantile", "mean", "ratio", "difference", "age")
 NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 DURATION_RE = re.compile(r"^((\d+)(ms|s|m|h|d|w|y))+$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800,
@@ -60,6 +60,7 @@ SIGNAL_FIELDS = {
     "quantile": ("quantile", "histogram", "window", "match", "without"),
     "mean": ("mean", "window", "match", "without"),
     "ratio": ("ratio", "window", "without"),
+    "difference": ("difference", "without"),
     "age": ("age", "match", "without"),
 }
 
@@ -339,17 +340,15 @@ class _RuleReader:
                     return HistogramQuantile(float(q), rate("_bucket")), traffic
                 return Binary("/", rate("_sum"), traffic), traffic
             return make_histogram
+        if kind == "difference":
+            terms = self.two_terms(raw, "difference", ("minuend", "subtrahend"), without,
+                                   where, ("gauge",))
+            difference = Binary("-", agg("sum", terms["minuend"][0]),
+                                agg("sum", terms["subtrahend"][0]))
+            return lambda offset, w: (difference, None)
         # ratio
-        parts = raw["ratio"]
-        if not isinstance(parts, dict) or set(parts) != {"numerator", "denominator"}:
-            self.fail(f"{where}.ratio", "must be a mapping with numerator and denominator")
-        terms = {}
-        for part in ("numerator", "denominator"):
-            terms[part] = self.ratio_term(parts[part], f"{where}.ratio.{part}")
-        labels = {label for sel, _ in terms.values() for label in self.families[sel.family].labels}
-        for label in without:
-            if label not in labels:
-                self.fail(f"{where}.without", f"neither side of the ratio has a label {label!r}")
+        terms = self.two_terms(raw, "ratio", ("numerator", "denominator"), without, where,
+                               ("counter", "gauge"))
         if any(kind == "counter" for _, kind in terms.values()) and window is None:
             self.fail(f"{where}.window", "required: the ratio has a counter (rated over window)")
 
@@ -364,14 +363,28 @@ class _RuleReader:
             return Binary("/", built["numerator"], built["denominator"]), built["denominator"]
         return make_ratio
 
-    def ratio_term(self, raw: Any, where: str):
+    def two_terms(self, raw: dict, kind: str, parts: tuple[str, str], without: tuple[str, ...],
+                  where: str, kinds: tuple[str, ...]) -> dict[str, tuple[Selector, str]]:
+        """The two sides of a ratio or difference signal: {part: (selector, family kind)}."""
+        value = raw[kind]
+        if not isinstance(value, dict) or set(value) != set(parts):
+            self.fail(f"{where}.{kind}", f"must be a mapping with {parts[0]} and {parts[1]}")
+        terms = {part: self.term(value[part], f"{where}.{kind}.{part}", kinds)
+                 for part in parts}
+        labels = {label for sel, _ in terms.values() for label in self.families[sel.family].labels}
+        for label in without:
+            if label not in labels:
+                self.fail(f"{where}.without", f"neither side of the {kind} has a label {label!r}")
+        return terms
+
+    def term(self, raw: Any, where: str, kinds: tuple[str, ...]):
         if not isinstance(raw, dict):
             self.fail(where, "must be a mapping with metric and optional match")
         for key in raw:
             if key not in ("metric", "match"):
                 self.fail(f"{where}.{key}", "unknown field; known: metric, match")
         name = raw.get("metric")
-        self.metric(name, f"{where}.metric", ("counter", "gauge"))
+        self.metric(name, f"{where}.metric", kinds)
         match = self.matchers(raw.get("match", {}), f"{where}.match")
         self.check_labels(name, match, (), where)
         return Selector(name, name, match), self.families[name].kind

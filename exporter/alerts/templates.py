@@ -1,8 +1,9 @@
 """Annotation and label templates: the subset of Prometheus's Go templates rules may use.
 
 Supported: `{{ $value }}`, `{{ $labels.NAME }}`, each optionally piped through `humanize`,
-`humanizeDuration` or `humanizePercentage` (`{{ $value | humanizeDuration }}`). Prometheus
-renders the same text for exported rules, so the rendering here follows Go's formatting.
+`humanize1024`, `humanizeDuration` or `humanizePercentage` (`{{ $value | humanizeDuration }}`).
+Prometheus renders the same text for exported rules, so the rendering here follows Go's
+formatting.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import math
 import re
 
-from .promfuncs import humanize, humanize_duration, humanize_percentage
+from .promfuncs import humanize, humanize_1024, humanize_duration, humanize_percentage
 
 _ACTION = re.compile(r"\{\{-?\s*(.*?)\s*-?\}\}")
 _TERM = re.compile(r"^\$value$|^\$labels\.([a-zA-Z_][a-zA-Z0-9_]*)$")
 FUNCTIONS = {
     "humanize": humanize,
+    "humanize1024": humanize_1024,
     "humanizeDuration": humanize_duration,
     "humanizePercentage": humanize_percentage,
 }
