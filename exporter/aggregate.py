@@ -23,7 +23,6 @@ render that rank's running/waiting/KV/LoRA gauges as 0 until its next step.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import mmap
@@ -40,7 +39,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from .exposition import bound_texts, header, label_text, num
+from .exposition import RendersItself, bound_texts, header, label_text, num
 from .metrics import ENGINE_STATES, FAMILIES, STATE_SEVERITY, FamilySpec
 from .shard import INDEX_SUFFIX, SHARD_SUFFIX, pid_alive, process_start_time
 
@@ -160,15 +159,15 @@ class ShardSet:
         return counts
 
 
-class ShardCollector:
+class ShardCollector(RendersItself):
     """A prometheus-client collector over a ShardSet: the shard families, merged."""
 
     def __init__(self, shards: ShardSet, families: Iterable[FamilySpec] = FAMILIES):
+        super().__init__()
         self.shards = shards
         self.specs = [f for f in families if f.where == "shard"]
         # (model, engine) -> the last-step timestamp at which it was found idle
         self._idle: dict[tuple[str, str], float] = {}
-        self._render_thread = threading.local()
 
     # --- merged values, also used by the runtime's side loop -----------------------------------
     def engine_stamps(self, shards: list[Shard]) -> dict[tuple[str, str], tuple[float, Shard]]:
@@ -255,7 +254,7 @@ class ShardCollector:
         return out
 
     def collect(self) -> Iterator[Metric]:
-        if getattr(self._render_thread, "active", False):
+        if self.rendering_apart:
             return  # the metrics port renders these itself (render()), faster
         for spec, values in self.merged():
             yield self._family(spec, values)  # no series yet: HELP and TYPE only
@@ -295,8 +294,8 @@ class ShardCollector:
                     prefix = f"{name}_bucket{{{pairs}{',' if pairs else ''}le=\""
                     running = 0.0
                     for bound, count in zip(bound_texts(bounds), counts):
-                        running += count
-                        add(f'{prefix}{bound}"}} {num(running)}\n')
+                        running += count  # a count: always finite, so repr() is num()
+                        add(f'{prefix}{bound}"}} {running!r}\n')
                     braces = f"{{{pairs}}}" if pairs else ""
                     add(f"{name}_count{braces} {num(running)}\n{name}_sum{braces} {num(total)}\n")
                 continue
@@ -305,15 +304,6 @@ class ShardCollector:
                 pairs = label_text(names, labels)
                 add(f"{sample}{{{pairs}}} {num(value)}\n" if pairs else f"{sample} {num(value)}\n")
         return "".join(lines)
-
-    @contextlib.contextmanager
-    def rendered_apart(self):
-        """While inside, `collect()` on this thread yields nothing (render() covers it)."""
-        self._render_thread.active = True
-        try:
-            yield
-        finally:
-            self._render_thread.active = False
 
     def _scalar(self, spec: FamilySpec, shards: list[Shard]) -> dict[tuple[str, ...], float]:
         merge = spec.merge

@@ -14,6 +14,7 @@ so a client that connects and stalls cannot block other clients.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import html
 import http.client
@@ -28,7 +29,7 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from .exposition import render_families
+from .exposition import RendersItself, render_families
 from .metrics import EngineMetrics
 from .web_config import WebConfig
 
@@ -50,9 +51,11 @@ class MetricsServer:
                  max_concurrent_requests: int = 8, max_connections: int = 64,
                  request_timeout_seconds: float = 10.0, shards: Any = None):
         """`health()` returns (healthy, ready, a one-line state for humans); `shards`, a
-        ShardCollector registered in `registry`, renders its families itself."""
+        ShardCollector registered in `registry`, renders its families itself (with any other
+        collector given to `add_renderer`)."""
         self.registry = registry
         self.shards = shards
+        self.renderers: list[RendersItself] = [shards] if shards is not None else []
         self.metrics = metrics
         self.health = health
         self.routes: dict[str, tuple[Route, str]] = {}
@@ -79,6 +82,10 @@ class MetricsServer:
     @property
     def port(self) -> int:
         return self.httpd.server_address[1]
+
+    def add_renderer(self, collector: RendersItself) -> None:
+        """A collector registered in `registry` that renders its own text (exposition.py)."""
+        self.renderers = [*self.renderers, collector]
 
     def add_route(self, path: str, route: Route, description: str) -> None:
         self.routes[path] = (route, description)
@@ -109,16 +116,19 @@ class MetricsServer:
     def _render_fast(self, content_type: str) -> bytes | None:
         """The shard families straight from the shards, the others through exposition.py;
         None where prometheus-client's encoder must do it."""
-        if self.shards is None:
+        renderers = self.renderers
+        if not renderers:
             return None
         openmetrics = content_type.startswith("application/openmetrics-text; version=1.0.0")
         if not openmetrics and not content_type.startswith("text/plain; version=0.0.4"):
             return None
-        with self.shards.rendered_apart():
+        with contextlib.ExitStack() as apart:
+            for renderer in renderers:
+                apart.enter_context(renderer.rendered_apart())
             rest = render_families(self.registry.collect(), openmetrics)
         if rest is None:
             return None
-        body = self.shards.render(openmetrics) + rest
+        body = "".join(renderer.render(openmetrics) for renderer in renderers) + rest
         return (body + "# EOF\n" if openmetrics else body).encode()
 
     def landing_page(self) -> bytes:

@@ -184,9 +184,13 @@ class _FakeServer:
 
     def __init__(self):
         self.routes = {}
+        self.renderers = []
 
     def add_route(self, path, fn, description):
         self.routes[path] = fn
+
+    def add_renderer(self, collector):
+        self.renderers.append(collector)
 
 
 def test_service_evaluates_our_registry_and_serves_json(tmp_path):
@@ -210,6 +214,9 @@ def test_service_evaluates_our_registry_and_serves_json(tmp_path):
             time.sleep(0.05)
         assert registry.get_sample_value("vllm_exporter_alerts",
                                          {"alertname": "Waiting", "state": "firing"}) == 1
+        # The metrics port renders the states from the text published at the tick.
+        text = "".join(r.render(False) for r in rt.server.renderers)
+        assert 'vllm_exporter_alerts{alertname="Waiting",state="firing"} 1.0\n' in text
         status, ctype, body = rt.server.routes["/alerts"]()
         doc = json.loads(body)
         assert status == 200 and ctype == "application/json"

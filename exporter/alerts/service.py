@@ -15,7 +15,9 @@ import time
 from typing import Any
 
 from prometheus_client import Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
 
+from ..exposition import PublishedFamilies
 from . import ALERT_FAMILIES
 from .alertmanager import AlertmanagerClient, SendCounters
 from .defaults import default_rule_file
@@ -26,6 +28,8 @@ from .rules import Rule, load_rule_file, parse_rules
 log = logging.getLogger("exporter.alerts")
 
 DEFAULT_PACK_SOURCE = "<default rule pack>"
+# Families published whole once per tick (PublishedFamilies) rather than set series by series.
+PUBLISHED = ("vllm_exporter_alert_rule_state", "vllm_exporter_alerts")
 
 
 def load_rules(config: Any) -> list[Rule]:
@@ -73,6 +77,7 @@ class AlertingService:
         self.evaluator = Evaluator(self.rules, self.history, self.interval,
                                    resend_interval=am.resend_interval_seconds,
                                    on_error=self._rule_failed)
+        self._publish_states()  # every rule at 0 before the first tick
         if self.generator_url is None:
             host = self.config.metrics.host
             port = rt.server.port if rt.server is not None else self.config.metrics.port
@@ -109,11 +114,17 @@ class AlertingService:
     def _create_families(self, registry) -> None:
         made = {}
         for spec in ALERT_FAMILIES:
+            if spec.name in PUBLISHED:
+                continue
             cls = Counter if spec.kind == "counter" else Gauge
             made[spec.name] = cls(spec.client_name, spec.help, labelnames=spec.labels,
                                   registry=registry)
-        self.rule_state = made["vllm_exporter_alert_rule_state"]
-        self.alert_count = made["vllm_exporter_alerts"]
+        # The rule and alert states change once per tick: rendered once per tick, not per
+        # scrape (their 70-odd series were a third of the metrics port's render).
+        self.states = PublishedFamilies()
+        registry.register(self.states)
+        if self.rt is not None and self.rt.server is not None:
+            self.rt.server.add_renderer(self.states)
         self.evaluations = made["vllm_exporter_alert_evaluations_total"]
         self.evaluation_seconds = made["vllm_exporter_alert_evaluation_seconds_total"]
         self.rule_failures = made["vllm_exporter_alert_evaluation_failures_total"]
@@ -123,10 +134,6 @@ class AlertingService:
         self.failed = made["vllm_exporter_alert_notifications_failed_total"]
         self.dropped = made["vllm_exporter_alert_notifications_dropped_total"]
         self.queue_length = made["vllm_exporter_alert_queue_length"]
-        for rule in self.rules:
-            self.rule_state.labels(rule.alert, rule.severity).set(0)
-            for state in (PENDING, FIRING):
-                self.alert_count.labels(rule.alert, state).set(0)
 
     # --- the loop --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -183,12 +190,17 @@ class AlertingService:
         self._last_tick_at = now
 
     def _publish_states(self) -> None:
+        specs = {spec.name: spec for spec in ALERT_FAMILIES if spec.name in PUBLISHED}
+        rule_state, alerts = (
+            GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
+            for spec in (specs["vllm_exporter_alert_rule_state"], specs["vllm_exporter_alerts"]))
         for state in self.evaluator.rules:
             rule = state.rule
-            self.rule_state.labels(rule.alert, rule.severity).set(STATE_VALUE[state.state()])
+            rule_state.add_metric([rule.alert, rule.severity], STATE_VALUE[state.state()])
             for name in (PENDING, FIRING):
                 count = sum(1 for a in state.alerts.values() if a.state == name)
-                self.alert_count.labels(rule.alert, name).set(count)
+                alerts.add_metric([rule.alert, name], count)
+        self.states.publish([rule_state, alerts])
 
     def _rule_failed(self, rule: Rule, exc: Exception) -> None:
         self.rule_failures.labels(rule.alert).inc()
