@@ -4,14 +4,17 @@ One daemon on the embedded default model with the default config (alert rules ev
 daemon, GPU collector on). Clients keep a steady mix of completions (varied prompt and output
 lengths, one stream in ten dropped mid-generation so the abort path runs too) while a scraper
 GETs /metrics every second. Every `--sample` seconds the script records the resident memory of
-the daemon's main process (where the exporter lives) and of vLLM's engine core process, the
+the daemon's main process (vLLM's front end and our stat logger), of its metrics process (the
+alert evaluator and its history, the /metrics render) and of vLLM's engine core process, the
 number of series and bytes in the exposition, and the alert evaluator's history size.
 
 Printed: the timeline, then start (after `--warmup`) vs end and the growth rate over the second
-half, for each figure. What must hold: the series count is flat, and the main process's memory
-levels off. The alert history grows by design until its fine window (alerts.fine_history_seconds,
-65 min by default) is full, then stays flat; its sample count is printed so that this growth can
-be told apart from a leak (`--fine-history-seconds 300` fills the window within the run).
+half, for each figure. What must hold: the series count is flat, and the memory of the main and
+metrics processes levels off. The alert history grows by design until its windows are full
+(every evaluation for alerts.fine_history_seconds, 65 min by default, then one per 30 s for the
+longest rule window, 6 h), then stays flat; its sample count is printed so that this growth can
+be told apart from a leak (`--fine-history-seconds 300` fills the fine window within the run;
+bench_soak_simulated.py runs the same code over hours of simulated time in a minute or two).
 `--baseline` soaks vLLM's own server without our plugin side by side, under the same load and a
 scrape of its own /metrics every second, so that the growth of vLLM's front end itself is seen
 in the same run.
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from bench_overhead import Workers, start, stop_all  # noqa: E402
-from helpers import Samples, engine_core_pids, free_port  # noqa: E402
+from helpers import Samples, descendant_pids, engine_core_pids, free_port  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -139,6 +142,8 @@ class Target:
                  clients: int, model: str):
         self.name, self.process = name, process
         self.engine_pids = engine_core_pids(process.pid)
+        # The daemon's metrics process (alert evaluator and its history, the /metrics render).
+        self.metrics_pids = descendant_pids(process.pid, b"exporter.metrics_process")
         self.load = Load(api_url, model, clients)
         self.scraper = Scraper(metrics_url)
         self.points: list[dict] = []
@@ -150,6 +155,7 @@ class Target:
             "t": t,
             "main_rss": rss_bytes(self.process.pid),
             "engine_rss": sum(rss_bytes(pid) for pid in self.engine_pids),
+            "metrics_rss": sum(rss_bytes(pid) for pid in self.metrics_pids),
             "series": series_count(latest),
             "exposition_bytes": len(latest.encode()),
             "history_series": samples.get("vllm_exporter_alert_history_series"),
@@ -171,7 +177,8 @@ class Target:
             "main_rss_growth_kib_per_1000_requests":
                 (end["main_rss"] - start_at["main_rss"]) / 1024 / requests * 1000,
             **{f"{key}_slope_per_min": slope_per_minute(self.points, key)
-               for key in ("main_rss", "engine_rss", "series", "history_samples")},
+               for key in ("main_rss", "metrics_rss", "engine_rss", "series",
+                           "history_samples")},
         }
 
 
@@ -182,6 +189,7 @@ def print_summary(summary: dict) -> None:
           f"{summary['scrape_failures']} failed")
     start_at, end = summary["start"], summary["end"]
     for key, label, unit in (("main_rss", "main process RSS MiB", MIB),
+                             ("metrics_rss", "metrics process RSS MiB", MIB),
                              ("engine_rss", "engine core RSS MiB", MIB),
                              ("series", "series in /metrics", 1),
                              ("history_samples", "alert history samples", 1)):
@@ -240,14 +248,15 @@ def main() -> int:
             target.load.__enter__()
         began = time.monotonic()
         print(f"{'min':>6}  " + "  ".join(
-            f"{'main MiB':>9}{'engine MiB':>11}{'series':>7}{'hist. samples':>14}{'requests':>9}"
-            for _ in targets) + "   (" + " | ".join(t.name for t in targets) + ")", flush=True)
+            f"{'main MiB':>9}{'metrics MiB':>12}{'engine MiB':>11}{'series':>7}"
+            f"{'hist. samples':>14}{'requests':>9}" for _ in targets) + "   (" + " | ".join(t.name for t in targets) + ")", flush=True)
         while time.monotonic() - began < args.minutes * 60:
             time.sleep(args.sample)
             t = time.monotonic() - began
             row = [target.sample(t) for target in targets]
             print(f"{t / 60:>6.1f}  " + "  ".join(
-                f"{p['main_rss'] / MIB:>9.1f}{p['engine_rss'] / MIB:>11.1f}{p['series']:>7}"
+                f"{p['main_rss'] / MIB:>9.1f}{p['metrics_rss'] / MIB:>12.1f}"
+                f"{p['engine_rss'] / MIB:>11.1f}{p['series']:>7}"
                 f"{p['history_samples']:>14.0f}{p['requests']:>9}" for p in row), flush=True)
         for target in targets:
             target.load.__exit__()

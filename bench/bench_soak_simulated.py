@@ -12,13 +12,14 @@ evaluation interval costs only the work it causes.
 
 Every `--sample-minutes` of simulated time it prints this process's resident memory, the live
 Python objects, the alert history's series and samples, and the series in the exposition; then
-the growth per simulated hour over the last `--plateau-minutes`. What must hold: the history
+the growth per simulated hour over the last `--plateau-minutes`, with the maxima of that stretch
+and of the one before it. What must hold: the history
 grows until it reaches back as far as the longest rule window (every evaluation for
 `alerts.fine_history_seconds`, then one per `alerts.coarse_step_seconds`: about 6 h with the
 default SLO rules) and then stays flat, the series count is flat from the
 start, and memory and objects level off with it.
 
-    .venv/bin/python bench/bench_soak_simulated.py [--hours 8] [--steps-per-tick 100]
+    .venv/bin/python bench/bench_soak_simulated.py [--hours 10] [--steps-per-tick 100]
 """
 
 from __future__ import annotations
@@ -82,13 +83,14 @@ def slope_per_hour(points: list[dict], key: str, since_minutes: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hours", type=float, default=8.0, help="simulated hours")
+    parser.add_argument("--hours", type=float, default=10.0, help="simulated hours")
     parser.add_argument("--steps-per-tick", type=int, default=100,
                         help="engine steps recorded per front end per evaluation interval")
     parser.add_argument("--scrape-seconds", type=float, default=15.0)
     parser.add_argument("--sample-minutes", type=float, default=10.0)
-    parser.add_argument("--plateau-minutes", type=float, default=60.0,
-                        help="growth is fitted over this last stretch of simulated time")
+    parser.add_argument("--plateau-minutes", type=float, default=120.0,
+                        help="growth is fitted over this last stretch of simulated time and "
+                             "its maxima compared with the stretch before it")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -154,11 +156,18 @@ def main() -> int:
           f"{config.alerts.coarse_step_seconds:g} s for {reach_minutes:g} min")
     print(f"growth per simulated hour over the last {args.plateau_minutes:g} min "
           f"(from minute {since:g}):")
+    earlier = [p for p in points if since - args.plateau_minutes <= p["minutes"] < since]
+    later = [p for p in points if p["minutes"] >= since]
+    print(f"  {'':<20}{'slope/h':>12}{'max before':>14}{'max in it':>14}   (the history is "
+          f"trimmed in steps: compare the maxima of two equal stretches)")
     for key, label, unit in (("rss", "RSS MiB", MIB), ("objects", "Python objects", 1),
                              ("history_series", "history series", 1),
                              ("history_samples", "history samples", 1),
                              ("series", "series in /metrics", 1)):
-        print(f"  {label:<20}{slope_per_hour(points, key, since) / unit:>+12.2f}")
+        before = max((p[key] for p in earlier), default=float("nan")) / unit
+        after = max(p[key] for p in later) / unit
+        print(f"  {label:<20}{slope_per_hour(points, key, since) / unit:>+12.2f}"
+              f"{before:>14.1f}{after:>14.1f}")
     if since < reach_minutes:
         print(f"note: the fitted stretch begins before the history is full "
               f"({reach_minutes:g} min); use --hours {reach_minutes / 60 + 1.5:.1f} or more")

@@ -116,6 +116,11 @@ class BackgroundLoad:
 
 def engine_core_pids(root: int) -> list[int]:
     """Descendants of `root` whose process title names vLLM's engine core."""
+    return descendant_pids(root, b"EngineCore")
+
+
+def descendant_pids(root: int, marker: bytes) -> list[int]:
+    """Descendants of `root` whose command line or process title contains `marker`."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -134,7 +139,7 @@ def engine_core_pids(root: int) -> list[int]:
                 title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
             except OSError:
                 continue
-            if b"EngineCore" in title:
+            if marker in title:
                 found.append(pid)
     return found
 

@@ -212,7 +212,8 @@ def test_daemon_service_alert_survives_alertmanager_down_then_resolves(tmp_path,
                             "runbook_url": "http://x/#w"}}
     # A runtime with its own front end: the rule reads what a front end wrote to its shard.
     rt = Runtime(config, mode="daemon")
-    rt.server = SimpleNamespace(port=9410, add_route=lambda *a: None)
+    rt.server = SimpleNamespace(port=9410, add_route=lambda *a: None,
+                                add_renderer=lambda *a: None)
     registry, metrics = rt.registry, rt.metrics
 
     service = AlertingService(config, parse_rules({"rules": [rule]}, SloConfig(), "t"))
