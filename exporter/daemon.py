@@ -157,8 +157,8 @@ def _serve(config: Config, shard_dir: Path, metrics: subprocess.Popen, metrics_p
         from .plugin import ExporterStatLogger
 
         try:
-            return asyncio.run(_run(fe, args, listen_address, sock, ExporterStatLogger,
-                                    metrics_port))
+            return _run_event_loop(_run(fe, args, listen_address, sock, ExporterStatLogger,
+                                        metrics_port))
         finally:
             sock.close()
     except KeyboardInterrupt:
@@ -167,6 +167,18 @@ def _serve(config: Config, shard_dir: Path, metrics: subprocess.Popen, metrics_p
     finally:
         fe.stop()
         frontend_module.install(None)
+
+
+def _run_event_loop(main: Any) -> Any:
+    """Run vLLM's server on uvloop, as vLLM's own launchers do: on asyncio's default loop its
+    front end answered about 30 % fewer requests on the CPU machine."""
+    try:
+        import uvloop
+    except ImportError:  # not a dependency of every vLLM build
+        log.warning("uvloop is not installed: vLLM's server runs on asyncio's default loop")
+        return asyncio.run(main)
+    log.info("vLLM's server runs on uvloop")
+    return uvloop.run(main)
 
 
 def write_config(config: Config, path: Path) -> None:

@@ -108,22 +108,25 @@ def start_daemon(tmp: Path, config: dict, name: str = "daemon",
         [sys.executable, "-m", "exporter", "serve", "--config", str(config_path)],
         stdout=log_file, stderr=subprocess.STDOUT, env=daemon_env(), cwd=ROOT,
         start_new_session=True)
-    daemon = Daemon(process, config["api"]["port"], config["metrics"]["port"], log_path,
-                    config_path, config.get("engine", {}).get("served_model_name", Daemon.model),
-                    tls)
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"daemon exited with {process.returncode} during start-up:\n"
-                               f"{daemon.log_tail()}")
-        try:
-            if daemon.get("/-/ready")[0] == 200:
-                return daemon
-        except OSError:
-            pass
-        time.sleep(1)
-    stop_process_group(process)
-    raise RuntimeError(f"daemon not ready after {STARTUP_TIMEOUT} s:\n{daemon.log_tail()}")
+    try:
+        daemon = Daemon(process, config["api"]["port"], config["metrics"]["port"], log_path,
+                        config_path,
+                        config.get("engine", {}).get("served_model_name", Daemon.model), tls)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {process.returncode} during start-up:"
+                                   f"\n{daemon.log_tail()}")
+            try:
+                if daemon.get("/-/ready")[0] == 200:
+                    return daemon
+            except OSError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"daemon not ready after {STARTUP_TIMEOUT} s:\n{daemon.log_tail()}")
+    except BaseException:  # whatever went wrong, no daemon is left running
+        stop_process_group(process)
+        raise
 
 
 def stop_process_group(process: subprocess.Popen, sig: int = signal.SIGTERM,

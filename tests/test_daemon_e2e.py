@@ -301,6 +301,12 @@ def test_metrics_port_endpoints(daemon):
 
 
 @pytest.mark.engine
+def test_vllm_runs_on_uvloop_as_under_its_own_launchers(daemon):
+    """On asyncio's default loop vLLM's front end answered about 30 % fewer requests."""
+    assert "vLLM's server runs on uvloop" in daemon.log_path.read_text(errors="replace")
+
+
+@pytest.mark.engine
 def test_promtool_accepts_the_exposition(daemon):
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: scripts/setup.sh installs it"
