@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .exposition import RendersItself, render_families
 from .metrics import FamilySpec
 
 log = logging.getLogger("exporter.gpu")
@@ -710,12 +711,14 @@ class _Snapshot:
     engine_totals: tuple[tuple[tuple[str, ...], float], ...] = ()
 
 
-class GpuCollector:
-    """prometheus_client custom collector fed by an NVML sampler thread."""
+class GpuCollector(RendersItself):
+    """prometheus_client custom collector fed by an NVML sampler thread. The metrics port
+    renders it through `render()`, which formats a snapshot once, not on every scrape."""
 
     def __init__(self, config: GpuConfig, root_pid: int, nvml: Any = None, *,
                  proc_root: str = "/proc", clock: Callable[[], float] = time.monotonic,
                  on_label_overflow: Callable[[int], None] = lambda n: None):
+        super().__init__()
         self.config = config
         self._on_label_overflow = on_label_overflow
         self.engine_processes = EngineProcesses(root_pid, proc_root)
@@ -733,6 +736,9 @@ class GpuCollector:
         self._lock = threading.Lock()  # guards the two dicts below (sampler + xid + scrape)
         self._errors: dict[str, int] = {}
         self._xids: dict[tuple[str, str], int] = {}  # (uuid, xid) -> count
+        self._counts_version = 0  # bumped when either dict changes
+        # (snapshot, budget ratio, counts version) the text was rendered from, {format: text}
+        self._rendered: tuple[Any, Any, int, dict[bool, str]] | None = None
         self._logged_exceptions: set[str] = set()
         self._snapshot = _Snapshot({}, up=False, duration_seconds=0.0, last_success=None)
         self._stop = threading.Event()
@@ -775,7 +781,23 @@ class GpuCollector:
             yield _new_family(spec)
 
     def collect(self) -> Iterable:
-        """Render the last snapshot; no NVML call here."""
+        """The last snapshot's families; no NVML call here."""
+        if not self.rendering_apart:
+            yield from self._families()
+
+    def render(self, openmetrics: bool) -> str:
+        """The families as exposition text, formatted again only when a tick, the budget or an
+        error count changed them."""
+        key = (self._snapshot, self._budget_ratio, self._counts_version)
+        cached = self._rendered
+        if cached is None or cached[0] is not key[0] or cached[1:3] != key[1:]:
+            cached = self._rendered = (*key, {})
+        texts = cached[3]
+        if openmetrics not in texts:
+            texts[openmetrics] = render_families(self._families(), openmetrics) or ""
+        return texts[openmetrics]
+
+    def _families(self) -> Iterable:
         snap = self._snapshot
         samples: Samples = {name: list(values) for name, values in snap.samples.items()}
         _add(samples, "vllm_exporter_collector_up", ("gpu",), 1 if snap.up else 0)
@@ -988,6 +1010,7 @@ class GpuCollector:
     def _count_error(self, call: str, exc: BaseException) -> None:
         with self._lock:
             self._errors[call] = self._errors.get(call, 0) + 1
+            self._counts_version += 1
         if not _is_nvml_error(exc) and call not in self._logged_exceptions:
             self._logged_exceptions.add(call)
             log.warning("unexpected error from %s (counted, logged once)", call, exc_info=exc)
@@ -1002,6 +1025,7 @@ class GpuCollector:
         label = str(xid) if 0 <= xid <= MAX_XID_LABEL else "other"
         with self._lock:
             count = self._xids[(uuid, label)] = self._xids.get((uuid, label), 0) + 1
+            self._counts_version += 1
         if count == 1:  # the first of each code per GPU; the counter tells the rest
             log.warning("XID %d on GPU %s (further XID %s events are only counted)", xid,
                         uuid or "(unknown)", label)

@@ -226,6 +226,7 @@ class Runtime:
             self.gpu = GpuCollector(self.config.gpu, root_pid=self.root_pid,
                                     on_label_overflow=overflow.inc)
             self.registry.register(self.gpu)
+            self.server.add_renderer(self.gpu)
             self.gpu.start()
         self._thread = threading.Thread(target=self._side_loop, name="exporter-side-loop",
                                         daemon=True)

@@ -738,3 +738,32 @@ def test_docs_describe_every_family_and_every_option():
         assert f"`{spec.name}`" in text, spec.name
     for option in dataclasses.fields(GpuConfig):
         assert f"| `{option.name}` |" in text, option.name
+
+
+def test_the_metrics_port_text_is_the_collectors_families_and_follows_every_change():
+    """render() (what the metrics port serves) formats a tick once and equals prometheus-client's
+    text for the same families; a new tick, a budget or an error count makes it anew."""
+    from prometheus_client.parser import text_string_to_metric_families as parse
+
+    collector, registry = make(fake_pynvml.FakeNvml(recording()))
+    collector.sample_once()
+
+    def parsed(text: str) -> dict:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in parse(text) for s in family.samples}
+
+    first = collector.render(False)
+    assert collector.render(False) is first  # the same tick: not formatted again
+    assert parsed(first) == scrape(registry)
+    with collector.rendered_apart():  # the port renders it itself: collect() yields nothing
+        assert list(collector.collect()) == []
+    collector.set_memory_budget_ratio(0.5)
+    assert ("gpu_memory_budget_bytes", tuple(sorted(gpu0().items()))) in \
+        parsed(collector.render(False))
+    collector._count_error("nvmlDeviceGetPowerUsage", RuntimeError("boom"))
+    assert parsed(collector.render(False))[
+        ("vllm_exporter_gpu_errors_total", (("call", "nvmlDeviceGetPowerUsage"),))] == 1
+    before_tick = collector.render(False)
+    collector.sample_once()
+    assert collector.render(False) is not before_tick  # a new tick is formatted anew
+    assert parsed(collector.render(False)) == scrape(registry)
