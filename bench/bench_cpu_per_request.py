@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,8 +27,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers import descendant_pids, engine_core_pids, free_port  # noqa: E402
+from bench_startup import wait_ok  # noqa: E402
+from helpers import descendant_pids, engine_core_pids, free_port, stop_group  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -43,20 +44,6 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime + stime
     return total / TICK
-
-
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"exited with {process.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not healthy within {timeout} s")
 
 
 def drive(api_url: str, metrics_url: str, model: str, clients: int, seconds: float) -> int:
@@ -93,7 +80,7 @@ def measure(name: str, command: list[str], env: dict, api: int, metrics_url: str
                                env=env, cwd=ROOT, start_new_session=True)
     try:
         api_url = f"http://127.0.0.1:{api}"
-        wait_healthy(api_url + "/health", process)
+        wait_ok(api_url + "/health", process, time.monotonic(), 600)
         drive(api_url, metrics_url or api_url + "/metrics", args.model, args.clients, 3)  # warm
         groups = {"front end": [process.pid], "engine": engine_core_pids(process.pid),
                   "metrics process": descendant_pids(process.pid, b"exporter.metrics_process")}
@@ -104,13 +91,7 @@ def measure(name: str, command: list[str], env: dict, api: int, metrics_url: str
         return {"name": name, "requests": requests,
                 **{group: seconds / max(1, requests) * 1e3 for group, seconds in used.items()}}
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+        stop_group(process)
 
 
 def main() -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers import free_port  # noqa: E402
+from helpers import free_port, stop_group  # noqa: E402
 
 ENGINE_STARTED = re.compile(rb"EngineCore|Started engine process|engine core")
 
@@ -68,16 +67,6 @@ def first_line_time(log: Path, pattern: re.Pattern, stamps: list[tuple[float, in
     return next((t for t, size in stamps if size >= match.end()), float("nan"))
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-
-
 def timed_start(command: list[str], env: dict, log: Path, health_url: str, timeout: float,
                 ready_url: str | None = None) -> dict:
     """Launch, time /health (and `ready_url`) and the engine process's first log line, stop."""
@@ -92,7 +81,7 @@ def timed_start(command: list[str], env: dict, log: Path, health_url: str, timeo
         result["engine_process"] = first_line_time(log, ENGINE_STARTED, stamps)
         return result
     finally:
-        stop(process)
+        stop_group(process)
 
 
 def time_vllm_alone(args, model: str, env: dict, tmp: Path, n: int) -> dict:

@@ -54,7 +54,6 @@ class MetricsServer:
         ShardCollector registered in `registry`, renders its families itself (with any other
         collector given to `add_renderer`)."""
         self.registry = registry
-        self.shards = shards
         self.renderers: list[RendersItself] = [shards] if shards is not None else []
         self.metrics = metrics
         self.health = health
@@ -114,8 +113,8 @@ class MetricsServer:
         return content_type, body, encoding
 
     def _render_fast(self, content_type: str) -> bytes | None:
-        """The shard families straight from the shards, the others through exposition.py;
-        None where prometheus-client's encoder must do it."""
+        """Each renderer's own text (the shards, the alert states, the GPUs), the other
+        families through exposition.py; None where prometheus-client's encoder must do it."""
         renderers = self.renderers
         if not renderers:
             return None

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import urllib.error
@@ -112,6 +113,18 @@ class BackgroundLoad:
 
     async def _worker(self, client, index: int) -> None:
         raise NotImplementedError
+
+
+def stop_group(process, timeout: float = 60) -> None:
+    """SIGTERM a server started in a session of its own, and everything in that session; after
+    `timeout` s, SIGKILL what is left."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
 
 
 def engine_core_pids(root: int) -> list[int]:

@@ -30,6 +30,8 @@ log = logging.getLogger("exporter.alerts")
 DEFAULT_PACK_SOURCE = "<default rule pack>"
 # Families published whole once per tick (PublishedFamilies) rather than set series by series.
 PUBLISHED = ("vllm_exporter_alert_rule_state", "vllm_exporter_alerts")
+RULE_STATE_SPEC, ALERTS_SPEC = (next(spec for spec in ALERT_FAMILIES if spec.name == name)
+                                for name in PUBLISHED)
 
 
 def load_rules(config: Any) -> list[Rule]:
@@ -190,10 +192,8 @@ class AlertingService:
         self._last_tick_at = now
 
     def _publish_states(self) -> None:
-        specs = {spec.name: spec for spec in ALERT_FAMILIES if spec.name in PUBLISHED}
-        rule_state, alerts = (
-            GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
-            for spec in (specs["vllm_exporter_alert_rule_state"], specs["vllm_exporter_alerts"]))
+        rule_state, alerts = (GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
+                              for spec in (RULE_STATE_SPEC, ALERTS_SPEC))
         for state in self.evaluator.rules:
             rule = state.rule
             rule_state.add_metric([rule.alert, rule.severity], STATE_VALUE[state.state()])
