@@ -8,14 +8,13 @@ daemon, of the metrics process from /proc. Prints requests served and CPU per re
 with the servers measured one at a time, the CPU each process spends per request is steadier on
 a small machine than throughput side by side.
 
-    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python bench/bench_cpu_per_request.py [--seconds 30] [--rounds 2]
+    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m bench.bench_cpu_per_request [--seconds 30] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,12 +24,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_startup import wait_ok  # noqa: E402
-from helpers import descendant_pids, engine_core_pids, free_port, stop_group  # noqa: E402
+from testsupport.net import free_port
+from testsupport.processes import (descendant_pids, engine_core_pids, start_group, stop_group,
+                                   wait_url)
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -76,11 +72,10 @@ def drive(api_url: str, metrics_url: str, model: str, clients: int, seconds: flo
 
 def measure(name: str, command: list[str], env: dict, api: int, metrics_url: str | None,
             args, log: Path) -> dict:
-    process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                               env=env, cwd=ROOT, start_new_session=True)
+    process = start_group(command, log, env)
     try:
         api_url = f"http://127.0.0.1:{api}"
-        wait_ok(api_url + "/health", process, time.monotonic(), 600)
+        wait_url(api_url + "/health", process, 600, log, what=name)
         drive(api_url, metrics_url or api_url + "/metrics", args.model, args.clients, 3)  # warm
         groups = {"front end": [process.pid], "engine": engine_core_pids(process.pid),
                   "metrics process": descendant_pids(process.pid, b"exporter.metrics_process")}

@@ -168,10 +168,10 @@ def gpu_processes(nvml: Any, collector: GpuCollector) -> list[dict]:
 
 
 def attribution(exposition: str) -> dict[str, float]:
-    """owner -> bytes, summed over GPUs, from gpu_process_memory_used_bytes lines."""
+    """owner -> bytes, summed over GPUs, from vllm_gpu_process_memory_used_bytes lines."""
     owners: dict[str, float] = {}
     for line in exposition.splitlines():
-        if line.startswith("gpu_process_memory_used_bytes{"):
+        if line.startswith("vllm_gpu_process_memory_used_bytes{"):
             owner = line.split('owner="', 1)[1].split('"', 1)[0]
             owners[owner] = owners.get(owner, 0.0) + float(line.rsplit(" ", 1)[1])
     return owners
@@ -203,7 +203,7 @@ def main() -> int:
         collector.set_memory_budget_ratio(args.budget_ratio)
         registry = _registry(collector)
         gpus = max(1, sum(1 for line in generate_latest(registry).decode().splitlines()
-                          if line.startswith("gpu_up{")))
+                          if line.startswith("vllm_gpu_up{")))
         regular = summarize(time_ticks(collector, args.ticks), gpus)
         start = time.perf_counter()
         exposition = generate_latest(registry).decode()
@@ -277,7 +277,7 @@ def _print_report(report: dict) -> None:
         print(f"NVML process: gpu {proc['gpu']} pid {proc['pid']} {proc['bytes']} bytes "
               f"-> owner={proc['owner']}")
     for owner, value in sorted(report["attribution_bytes"].items()):
-        print(f"gpu_process_memory_used_bytes owner={owner}: {value / GIB:.2f} GiB")
+        print(f"vllm_gpu_process_memory_used_bytes owner={owner}: {value / GIB:.2f} GiB")
 
 
 def _check_attribution(report: dict, engine_gib: float, other_gib: float) -> int:

@@ -8,7 +8,7 @@ alert history's windows (6.5 h simulated: the 65 min fine tier and the 6 h coars
 runs as long again. Printed: memory held after each phase and the growth in phase 2, which
 must be about zero.
 
-    .venv/bin/python bench/bench_memory.py [--hours 6.5] [--steps-per-tick 10] [--without-alerts]
+    .venv/bin/python -m bench.bench_memory [--hours 6.5] [--steps-per-tick 10] [--without-alerts]
 """
 
 from __future__ import annotations
@@ -18,19 +18,14 @@ import gc
 import sys
 import time
 import tracemalloc
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from prometheus_client import generate_latest
+from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
 
-from prometheus_client import generate_latest  # noqa: E402
-from vllm.v1.metrics.stats import (FinishedRequestStats, IterationStats,  # noqa: E402
-                                   SchedulerStats)
-
-from exporter.alerts.service import AlertingService, load_rules  # noqa: E402
-from exporter.config import load_config  # noqa: E402
-from exporter.runtime import Runtime  # noqa: E402
-from exporter.vllm_compat import finish_reason_name  # noqa: E402
+from exporter.alerts.service import AlertingService, load_rules
+from exporter.config import load_config
+from exporter.runtime import Runtime
+from exporter.vllm_compat import finish_reason_name
 
 TICK_SECONDS = 2.0
 
@@ -63,7 +58,7 @@ def main() -> int:
     rt = Runtime(config, mode="daemon")
     rt.attach_stat_logger("m", [0], finish_reason_name)
     alerts = AlertingService(config, load_rules(config))
-    alerts.start(rt, thread=False)
+    alerts.start(rt.registry, rt.alert_hooks(), thread=False)
     clock = time.time()
     steps = 0
 

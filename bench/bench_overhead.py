@@ -15,9 +15,9 @@ engine step, both read from the daemon's own counters over that run.
 
 On this machine (the embedded default model, both servers started here; the idle one is paused
 so it takes no CPU from the measured one):
-    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python bench/bench_overhead.py [--reps 3]
+    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m bench.bench_overhead [--reps 3]
 On the GPU machine, against servers already running (docs/performance.md has the commands):
-    python bench/bench_overhead.py --attach 8000 9410 8001 --model /tmp/llama2-7b-shape \\
+    python -m bench.bench_overhead --attach 8000 9410 8001 --model /tmp/llama2-7b-shape \\
         --prompt-words 200 --max-tokens 128 --concurrency 64 256 --requests 512 \\
         --client-processes 4
 """
@@ -42,42 +42,25 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from testsupport.exposition import Samples
+from testsupport.net import free_port
+from testsupport.processes import start_group, stop_group, wait_url
 
 
 def stop_all(processes: list[subprocess.Popen]) -> None:
-    """SIGTERM every server, then wait up to 60 s for each and kill what is left."""
     for process in processes:
-        process.terminate()
-    for process in processes:
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_group(process)
 
 
 def start(cmd: list[str], env: dict, log: Path, ready_url: str) -> subprocess.Popen:
-    process = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env,
-                               cwd=ROOT, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{cmd[:3]} exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(ready_url, timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{ready_url} not ready after 600 s")
+    """A server of its own process group, once `ready_url` answers 200."""
+    process = start_group(cmd, log, env)
+    try:
+        wait_url(ready_url, process, 600, log, interval=1)
+    except BaseException:
+        stop_group(process)
+        raise
+    return process
 
 
 class Workers:
@@ -227,17 +210,11 @@ def percentile(values: list[float], q: float) -> float:
 
 def daemon_counters(metrics_url: str) -> dict[str, float]:
     """The daemon's render and stat-logger counters now."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     names = ("vllm_exporter_scrape_duration_seconds_sum",
              "vllm_exporter_scrape_duration_seconds_count",
              "vllm_exporter_stat_logger_seconds_total", "vllm_exporter_stat_logger_records_total")
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=30).text):
-        for sample in family.samples:
-            if sample.name in names:
-                values.setdefault(sample.name, sample.value)
-    return values
+    samples = Samples(httpx.get(metrics_url, timeout=30).text)
+    return {name: samples.get(name) for name in names}
 
 
 def daemon_costs(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:

@@ -7,7 +7,7 @@ inter-token gaps, a finished request per step), written by `--frontends` shards 
 processes would (GPU families are left out: no GPU here). Prints milliseconds per render for
 both formats (target: <= 1 ms) and the size of the exposition.
 
-    .venv/bin/python bench/bench_render.py [--frontends 1 2 4] [--renders 300]
+    .venv/bin/python -m bench.bench_render [--frontends 1 2 4] [--renders 300]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def measure(frontends: int, renders: int) -> list[tuple[str, float, float, int]]
     rows = []
     try:
         rt.bind_metrics_port()
-        service.start(rt, thread=False)
+        service.start(rt.registry, rt.alert_hooks(), thread=False)
         service.tick(time.time())
         for name, accept, encoder in FORMATS:
             ours, theirs = [], []

@@ -8,7 +8,7 @@ expected; anything else, or a connection error, is listed), with the daemon's ow
 vllm_exporter_scrapes_rejected_total at the end. The stated bound: the flooded median throughput
 is at least `--bound` (0.9) x the unflooded one.
 
-    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python bench/bench_scrape_flood.py [--reps 3]
+    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m bench.bench_scrape_flood [--reps 3]
 """
 
 from __future__ import annotations
@@ -28,13 +28,10 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from bench_overhead import Workers, percentile, start, stop_all  # noqa: E402
-from helpers import Samples, free_port  # noqa: E402
-from pki import make_pki, write_web_config  # noqa: E402
+from bench.bench_overhead import Workers, percentile, start, stop_all
+from testsupport.exposition import Samples
+from testsupport.net import free_port
+from testsupport.pki import make_pki, write_web_config
 
 USER, PASSWORD = "prometheus", "flood-test"
 

@@ -19,7 +19,7 @@ bench_soak_simulated.py runs the same code over hours of simulated time in a min
 scrape of its own /metrics every second, so that the growth of vLLM's front end itself is seen
 in the same run.
 
-    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python bench/bench_soak.py [--minutes 20] [--baseline]
+    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m bench.bench_soak [--minutes 20] [--baseline]
         [--fine-history-seconds 300] [--out soak.json]
 """
 
@@ -40,12 +40,10 @@ import httpx
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from bench_overhead import Workers, start, stop_all  # noqa: E402
-from helpers import Samples, descendant_pids, engine_core_pids, free_port  # noqa: E402
+from bench.bench_overhead import Workers, start, stop_all
+from testsupport.exposition import Samples
+from testsupport.net import free_port
+from testsupport.processes import descendant_pids, engine_core_pids
 
 MIB = 1024 * 1024
 

@@ -19,7 +19,7 @@ grows until it reaches back as far as the longest rule window (every evaluation 
 default SLO rules) and then stays flat, the series count is flat from the
 start, and memory and objects level off with it.
 
-    .venv/bin/python bench/bench_soak_simulated.py [--hours 10] [--steps-per-tick 100]
+    .venv/bin/python -m bench.bench_soak_simulated [--hours 10] [--steps-per-tick 100]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def main() -> int:
     rt = Runtime(config, mode="plugin", shard_dir=directory, role="metrics")
     service = AlertingService(config, load_rules(config))
     rt.bind_metrics_port()
-    service.start(rt, thread=False)
+    service.start(rt.registry, rt.alert_hooks(), thread=False)
     interval = config.alerts.evaluation_interval_seconds
     fine_minutes = service.history.tiers[0].span_ms / 60000
     reach_minutes = max(tier.span_ms for tier in service.history.tiers) / 60000

@@ -12,9 +12,9 @@ Also printed for the daemon: when its log first shows vLLM's engine process star
 (`EngineCore` or `Started engine process`), i.e. how long the daemon takes before vLLM's own
 start-up begins.
 
-    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python bench/bench_startup.py [--reps 3]
+    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m bench.bench_startup [--reps 3]
 On the GPU machine (the recipe in ../shared/gpu/probe/ brings CUDA vLLM):
-    python3 bench/bench_startup.py --model /tmp/llama2-7b-shape --engine-arg load_format=dummy \
+    python3 -m bench.bench_startup --model /tmp/llama2-7b-shape --engine-arg load_format=dummy \
         --gpu-memory-utilization 0.40 --reps 2
 """
 
@@ -33,10 +33,8 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from helpers import free_port, stop_group  # noqa: E402
+from testsupport.net import free_port
+from testsupport.processes import start_group, stop_group
 
 ENGINE_STARTED = re.compile(rb"EngineCore|Started engine process|engine core")
 
@@ -71,8 +69,7 @@ def timed_start(command: list[str], env: dict, log: Path, health_url: str, timeo
                 ready_url: str | None = None) -> dict:
     """Launch, time /health (and `ready_url`) and the engine process's first log line, stop."""
     began = time.monotonic()
-    process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                               env=env, cwd=ROOT, start_new_session=True)
+    process = start_group(command, log, env)
     stamps: list[tuple[float, int]] = []
     try:
         result = {"health": wait_ok(health_url, process, began, timeout, log, stamps)}

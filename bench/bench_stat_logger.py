@@ -6,7 +6,7 @@
    PrometheusStatLogger, in one process, in interleaved rounds; the script prints microseconds
    per record() for each and their ratio (target: ours <= 0.5 x vLLM's).
 
-    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python bench/bench_stat_logger.py [--requests 64] [--rounds 7]
+    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m bench.bench_stat_logger [--requests 64] [--rounds 7]
 """
 
 from __future__ import annotations

@@ -32,15 +32,11 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import Metric
 
 from .exposition import RendersItself, bound_texts, header, label_text, num
-from .metrics import ENGINE_STATES, FAMILIES, STATE_SEVERITY, FamilySpec
+from .families import FamilySpec, metric_family
+from .metrics import ENGINE_STATES, FAMILIES, STATE_SEVERITY
 from .shard import INDEX_SUFFIX, SHARD_SUFFIX, pid_alive, process_start_time
 
 log = logging.getLogger("exporter.aggregate")
@@ -260,8 +256,8 @@ class ShardCollector(RendersItself):
             yield self._family(spec, values)  # no series yet: HELP and TYPE only
 
     def _family(self, spec: FamilySpec, values: dict) -> Metric:
+        family = metric_family(spec)
         if spec.kind == "histogram":
-            family = HistogramMetricFamily(spec.name, spec.help, labels=spec.labels)
             for labels, (bounds, counts, total) in values.items():
                 cumulative, running = [], 0.0
                 for bound, count in zip(bound_texts(bounds), counts):
@@ -269,11 +265,9 @@ class ShardCollector(RendersItself):
                     cumulative.append((bound, running))
                 family.add_metric(list(labels), cumulative, total)
             return family
-        cls = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
-        metric = cls(spec.name, spec.help, labels=spec.labels)
         for labels, value in values.items():
-            metric.add_metric(list(labels), value)
-        return metric
+            family.add_metric(list(labels), value)
+        return family
 
     # --- the metrics port's fast path ------------------------------------------------------
     def render(self, openmetrics: bool) -> str:

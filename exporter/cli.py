@@ -17,17 +17,8 @@ from .alerts import prepare_alerts
 from .alerts.cli import add_rules_parser, run_rules
 from .dashboards.cli import add_dashboards_parser, run_dashboards
 from .config import ConfigError, load_config
+from .engine_settings import SETTABLE
 from .tuning.cli import TUNING_COMMANDS, add_tuning_parsers, run_tuning
-
-# (flag, config field, type) for the engine knobs; booleans get --x / --no-x.
-ENGINE_OPTIONS: tuple[tuple[str, type], ...] = (
-    ("model", str), ("served_model_name", str), ("quantization", str), ("dtype", str),
-    ("kv_cache_dtype", str), ("gpu_memory_utilization", float), ("max_model_len", int),
-    ("max_num_seqs", int), ("max_num_batched_tokens", int), ("block_size", int),
-    ("enable_prefix_caching", bool), ("enable_chunked_prefill", bool),
-    ("tensor_parallel_size", int), ("pipeline_parallel_size", int),
-    ("data_parallel_size", int), ("api_server_count", int), ("seed", int),
-)
 
 SERVE_EPILOG = """examples:
   vllm-exporter serve                                  # the embedded default model
@@ -68,13 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config file (flags override it)")
     engine = p.add_argument_group("engine (overrides the config's engine section)")
-    for name, kind in ENGINE_OPTIONS:
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            engine.add_argument(flag, dest=f"engine.{name}", action=argparse.BooleanOptionalAction,
-                                default=None)
+    for setting in SETTABLE:  # booleans get --x / --no-x
+        if setting.type is bool:
+            engine.add_argument(setting.flag, dest=setting.config_key,
+                                action=argparse.BooleanOptionalAction, default=None)
         else:
-            engine.add_argument(flag, dest=f"engine.{name}", type=kind, default=None)
+            engine.add_argument(setting.flag, dest=setting.config_key, type=setting.type,
+                                default=None)
     engine.add_argument("--engine-arg", dest="engine_args", action="append", default=[],
                         metavar="KEY=VALUE",
                         help="any other vLLM engine/server argument (repeatable; VALUE is YAML)")

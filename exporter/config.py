@@ -15,12 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .alerts.config import AlertsConfig
-from .gpu import GpuConfig
+from .config_files import ConfigError, read_yaml_file
+from .engine_settings import SETTABLE
+from .gpu.config import GpuConfig
 from .metrics import DEFAULT_BUCKETS
 from .slo import SloConfig
+from .web_config import load_web_config
+
+# ConfigError and read_yaml_file live in config_files.py (web_config.py and the rule loader read
+# their files with them too) and are re-exported here, where callers look for them.
 
 DEFAULT_API_PORT = 8000
 DEFAULT_METRICS_PORT = 9410
@@ -30,52 +34,18 @@ ENV_METRICS_HOST = "VLLM_EXPORTER_METRICS_HOST"
 ENV_METRICS_PORT = "VLLM_EXPORTER_METRICS_PORT"
 
 
-class ConfigError(Exception):
-    """A configuration problem: where (file), what (field) and why (problem)."""
-
-    def __init__(self, source: str, field_path: str, problem: str):
-        self.source, self.field_path, self.problem = source, field_path, problem
-        super().__init__(f"{source}: field '{field_path}': {problem}")
-
-
-@dataclass
-class EngineConfig:
-    """The engine's tuning knobs; None means vLLM's own default."""
-
-    model: str | None = None  # None: the embedded default model (see default_model.py)
-    served_model_name: str | None = None
-    quantization: str | None = None
-    dtype: str | None = None
-    kv_cache_dtype: str | None = None
-    gpu_memory_utilization: float | None = None
-    max_model_len: int | None = None
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    block_size: int | None = None
-    enable_prefix_caching: bool | None = None
-    enable_chunked_prefill: bool | None = None
-    tensor_parallel_size: int | None = None
-    pipeline_parallel_size: int | None = None
-    # Data-parallel engine ranks, and API-server processes in front of them (vLLM's default:
-    # one per data-parallel rank). Several API servers run as vLLM's own launcher runs them,
-    # one shared metrics endpoint for all (docs/topologies.md).
-    data_parallel_size: int | None = None
-    api_server_count: int | None = None
-    seed: int | None = None
-    # Any other vLLM engine or server argument, by its vLLM name (dashes or underscores).
-    extra_args: dict[str, Any] = field(default_factory=dict)
+class _EngineChecks:
+    """EngineConfig's checks: each setting's own (engine_settings.py), then those that look at
+    several settings or at the disk."""
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
-        gmu = self.gpu_memory_utilization
-        if gmu is not None and not 0 < gmu <= 1:
-            out.append(("gpu_memory_utilization", f"must be in (0, 1], got {gmu}"))
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
-                     "api_server_count"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                out.append((name, f"must be a positive integer, got {value}"))
+        for setting in SETTABLE:
+            value = getattr(self, setting.name)
+            if value is not None and setting.check is not None:
+                problem = setting.check(value)
+                if problem:
+                    out.append((setting.name, problem))
         out += self.topology_problems()
         if self.model is not None and _looks_like_path(self.model):
             path = Path(self.model).expanduser()
@@ -107,6 +77,19 @@ class EngineConfig:
             out.append(("api_server_count", "external load balancing runs one API server per "
                         "rank; api_server_count must be 1 (or unset) with it"))
         return out
+
+
+# The engine's tuning knobs, one field per settable row of engine_settings.ENGINE_SETTINGS
+# (None: vLLM's own default), and `extra_args`: any other vLLM engine or server argument, by its
+# vLLM name (dashes or underscores).
+EngineConfig = dataclasses.make_dataclass(
+    "EngineConfig",
+    [(s.name, s.type | None, field(default=s.default)) for s in SETTABLE]
+    + [("extra_args", dict[str, Any], field(default_factory=dict))],
+    bases=(_EngineChecks,),
+    namespace={"__module__": __name__,
+               "__doc__": "The engine's tuning knobs; None means vLLM's own default."},
+)
 
 
 @dataclass
@@ -220,20 +203,6 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
 
 
-def read_yaml_file(path: str | os.PathLike, what: str) -> Any:
-    """A YAML file's content (config, rule or web config file); a file that cannot be read or
-    parsed raises ConfigError naming it."""
-    source = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(source, "-", f"cannot read the {what}: {exc.strerror or exc}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, "-", f"not valid YAML: {exc}") from None
-
-
 def load_config(path: str | os.PathLike | None = None,
                 overrides: dict[str, Any] | None = None) -> Config:
     """Build the config from a YAML file (optional) and dotted-key overrides (flags win)."""
@@ -251,8 +220,6 @@ def load_config(path: str | os.PathLike | None = None,
         _apply_override(config, dotted, value)
     _check(config, source, "")
     if config.metrics.web_config_file:
-        from .web_config import load_web_config
-
         load_web_config(config.metrics.web_config_file)  # raises ConfigError naming that file
     return config
 

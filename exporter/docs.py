@@ -6,13 +6,16 @@ import difflib
 import sys
 from pathlib import Path
 
-from .alerts import ALERT_FAMILIES
+from .alerts.families import ALERT_FAMILIES
+from .catalog import all_families
 from .gpu import GPU_FAMILIES
-from .metrics import FAMILIES, FamilySpec
+from .metrics import FAMILIES
+
+__all__ = ["all_families", "metrics_markdown", "run_docs"]
 
 METRICS_HEADER = """# Metrics reference
 
-Generated from `exporter/metrics.py`, `exporter/gpu.py` and `exporter/alerts/` by `vllm-exporter docs metrics`
+Generated from the family specs (`exporter/catalog.py`) by `vllm-exporter docs metrics`
 (CI fails if this file differs). Meanings, edge cases and examples: docs/metrics-guide.md.
 
 Every engine family carries `model` (the served model name) and `engine` (vLLM's engine index,
@@ -25,10 +28,6 @@ never go backwards), `sum_live` over running processes, `latest` from the proces
 that engine rank's newest scheduler statistics, `max`, `state` (the most severe state a running
 process reports), or `-` for the metrics process's own families.
 """
-
-
-def all_families() -> tuple[FamilySpec, ...]:
-    return FAMILIES + tuple(GPU_FAMILIES) + tuple(ALERT_FAMILIES)
 
 
 def metrics_markdown() -> str:

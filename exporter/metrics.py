@@ -1,11 +1,12 @@
 """Every engine and daemon metric family: name, type, help, labels, buckets. The single source.
 
-`FAMILIES` lists each family as a `FamilySpec`. Families the vLLM front ends produce live in
-per-process shards (shard.py) that the metrics process merges (aggregate.py); the metrics
-process's own families are prometheus-client objects that `EngineMetrics` creates in our own
-`CollectorRegistry` (vLLM rewrites the default registry).
+`FAMILIES` lists each family as a `FamilySpec` (families.py). Families the vLLM front ends
+produce live in per-process shards (shard.py) that the metrics process merges (aggregate.py);
+the metrics process's own families are prometheus-client objects that `EngineMetrics` creates
+(families.create_client) in our own `CollectorRegistry` (vLLM rewrites the default registry).
+The labels of vllm_engine_config_info come from the engine settings table (engine_settings.py).
 docs/metrics.md is generated from the specs (`vllm-exporter docs metrics`), and the tests check
-that dashboards, rules and docs name only families defined here or in `gpu.GPU_FAMILIES`.
+that dashboards, rules and docs name only families in catalog.all_families().
 
 Names follow the Prometheus conventions: base units in the name, `_total` on counters (the
 spec's name is the name users query), `_info` for identity, no colons.
@@ -15,51 +16,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-ENGINE_LABELS = ("model", "engine")
+from .engine_settings import ENGINE_CONFIG_LABELS
+from .families import ENGINE_LABELS, FamilySpec, create_client
+
+# FamilySpec, ENGINE_LABELS and ENGINE_CONFIG_LABELS are also imported from here (the GPU
+# family table, older callers): one definition each, in families.py and engine_settings.py.
+
 # The values of vllm_engine_state's `state` label, and how severe each is when processes that
 # share an engine report different ones (the most severe wins: aggregate.py).
 ENGINE_STATES = ("starting", "serving", "stopping", "dead")
 STATE_SEVERITY = {"serving": 0, "starting": 1, "stopping": 2, "dead": 3}
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """One metric family as users see it on /metrics."""
-
-    name: str
-    kind: str  # counter | gauge | histogram | info
-    help: str
-    labels: tuple[str, ...] = ENGINE_LABELS
-    source: str = ""  # where the value comes from (vLLM field, NVML call, the daemon itself)
-    buckets_key: str | None = None  # for histograms: the key under `histogram_buckets` in config
-    # "shard": written by the processes that produce it (vLLM front ends, the daemon) into their
-    # own shard and aggregated by the metrics process (shard.py, aggregate.py); "server": owned
-    # by the metrics process itself (prometheus-client objects in its registry); "collector":
-    # computed by a collector of the metrics process at each scrape.
-    where: str = "shard"
-    # How the metrics process merges a shard family over processes (docs/topologies.md):
-    # sum (counters, histograms), sum_live (gauges of processes still running), latest (engine
-    # state gauges: from the process that received that engine rank's newest scheduler stats),
-    # max (per-engine constants and timestamps), state (the engine's lifecycle state).
-    aggregate: str = ""
-
-    @property
-    def merge(self) -> str:
-        if self.aggregate:
-            return self.aggregate
-        return "sum" if self.kind in ("counter", "histogram") else "max"
-
-    @property
-    def client_name(self) -> str:
-        """The name prometheus-client takes (it appends `_total` to counters itself)."""
-        if self.kind == "counter" and self.name.endswith("_total"):
-            return self.name[: -len("_total")]
-        if self.kind == "info" and self.name.endswith("_info"):
-            return self.name[: -len("_info")]
-        return self.name
 
 
 # Bucket defaults. Latencies span sub-millisecond inter-token gaps to hour-long requests, so the
@@ -79,6 +48,12 @@ REQUEST_DURATION_BUCKETS = (
 TOKEN_COUNT_BUCKETS = tuple(
     float(m * 10**e) for e in range(7) for m in (1, 2, 5) if m * 10**e <= 1_000_000
 )
+# KV-cache block residency (sampled by vLLM at eviction): reuse gaps of milliseconds to
+# blocks that stay cached for an hour.
+KV_RESIDENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0, 1800.0, 3600.0,
+)
 
 DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
     "time_to_first_token": FIRST_TOKEN_BUCKETS,
@@ -86,14 +61,8 @@ DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
     "time_per_output_token": TOKEN_LATENCY_BUCKETS,
     "request_duration": REQUEST_DURATION_BUCKETS,
     "request_tokens": TOKEN_COUNT_BUCKETS,
+    "kv_cache_residency": KV_RESIDENCY_BUCKETS,
 }
-
-ENGINE_CONFIG_LABELS = (
-    "model", "served_model_name", "vllm_version", "quantization", "dtype", "kv_cache_dtype",
-    "gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-    "block_size", "enable_prefix_caching", "enable_chunked_prefill", "tensor_parallel_size",
-    "pipeline_parallel_size", "data_parallel_size", "seed", "device",
-)
 
 FAMILIES: tuple[FamilySpec, ...] = (
     # --- engine state, one update per engine step -------------------------------------------
@@ -194,6 +163,123 @@ FAMILIES: tuple[FamilySpec, ...] = (
                "objective, judged per request against the exact threshold.",
                labels=ENGINE_LABELS + ("objective", "result"),
                source="the stat logger, per request, against config slo.objectives"),
+    FamilySpec("vllm_request_prefill_kv_computed_tokens", "histogram",
+               "Prompt tokens whose KV a finished request computed in prefill (prompt length "
+               "less the tokens served from the local prefix cache or a KV connector).",
+               source="FinishedRequestStats.num_prompt_tokens - num_cached_tokens (0.26+)",
+               buckets_key="request_tokens"),
+    FamilySpec("vllm_aborted_request_duration_seconds", "histogram",
+               "Time from arrival to abort of requests aborted at the API front end (client "
+               "disconnects, cancelled streams), summed over every API-server process; vLLM's "
+               "own latency histograms leave these requests out.",
+               labels=("model",),
+               source="the front end's abort path: now - RequestState.stats.arrival_time of "
+                      "each live request aborted (0.26+)",
+               buckets_key="request_duration"),
+    # --- waiting, admission and sleep -------------------------------------------------------
+    FamilySpec("vllm_requests_waiting_by_reason", "gauge",
+               "Waiting requests by why they wait: capacity (waiting for room in the batch or "
+               "KV cache) or deferred (held back by a transient constraint: LoRA budget, KV "
+               "transfer, blocked status). The reasons add up to vllm_requests_waiting.",
+               labels=ENGINE_LABELS + ("reason",), aggregate="latest",
+               source="SchedulerStats.num_waiting_reqs (capacity), num_skipped_waiting_reqs "
+                      "(deferred) (0.26+)"),
+    FamilySpec("vllm_requests_waiting_kv_fetch", "gauge",
+               "Waiting requests whose KV cache is loaded asynchronously through a KV "
+               "connector, by stage: waiting_to_start, in_progress, completed_waiting (loaded, "
+               "not running yet). Only on an engine that consumes KV transfers.",
+               labels=ENGINE_LABELS + ("stage",), aggregate="latest",
+               source="SchedulerStats.num_kv_fetch_reqs_by_stage (0.32+; absent on 0.26, and "
+                      "without kv_transfer_config as a KV consumer; not on the CPU build's "
+                      "tests: unit-tested)"),
+    FamilySpec("vllm_admission_rejections_total", "counter",
+               "Requests the API front end refused (HTTP 503) because a queue limit was "
+               "reached, by reason: max_num_queued_reqs or max_num_queued_tokens (vLLM's "
+               "--max-num-queued-reqs / --max-num-queued-tokens). Summed over every "
+               "API-server process.",
+               labels=("model", "reason"),
+               source="StatLogger.record_admission_rejection(reason) (0.32+; absent on 0.26)"),
+    FamilySpec("vllm_engine_sleep_state", "gauge",
+               "1 for the engine's sleep state, 0 for the others: awake, kv_cache_released "
+               "(sleep level 0), weights_offloaded (level 1) or discard_all (level 2). Exact "
+               "with one API-server process; with several, each knows only the sleep and wake "
+               "calls it served, and a state any of them reports shows as 1.",
+               labels=ENGINE_LABELS + ("sleep_state",),
+               source="StatLogger.record_sleep_state(sleep, level) (0.26+; sleep mode runs on "
+                      "CUDA, ROCm and XPU only: unit-tested on the CPU build)"),
+    # --- where prompt tokens come from ------------------------------------------------------
+    FamilySpec("vllm_prompt_tokens_by_source_total", "counter",
+               "Prompt tokens by where their KV came from: local_compute (prefilled here), "
+               "local_cache_hit (local prefix cache) or external_kv_transfer (a KV connector). "
+               "The sources add up to vllm_prompt_tokens_total.",
+               labels=ENGINE_LABELS + ("source",),
+               source="IterationStats.prompt_token_stats.{computed, local_cache_hit, "
+                      "external_kv_transfer} (0.26+)"),
+    FamilySpec("vllm_external_prefix_cache_queries_total", "counter",
+               "Prompt tokens looked up in an external KV cache through a KV connector (only "
+               "with a KV connector).",
+               source="SchedulerStats.connector_prefix_cache_stats.queries (0.26+; absent "
+                      "without kv_transfer_config)"),
+    FamilySpec("vllm_external_prefix_cache_hits_total", "counter",
+               "Prompt tokens found in an external KV cache through a KV connector (only with "
+               "a KV connector).",
+               source="SchedulerStats.connector_prefix_cache_stats.hits (0.26+; absent without "
+                      "kv_transfer_config)"),
+    # --- speculative decoding (only with a speculative_config) ------------------------------
+    FamilySpec("vllm_spec_decode_drafts_total", "counter",
+               "Speculative-decoding drafts: one per request per step that proposed draft "
+               "tokens.",
+               source="SchedulerStats.spec_decoding_stats.num_drafts (0.26+; absent without "
+                      "speculative decoding)"),
+    FamilySpec("vllm_spec_decode_draft_tokens_total", "counter",
+               "Draft tokens proposed for verification.",
+               source="SchedulerStats.spec_decoding_stats.num_draft_tokens (0.26+; absent "
+                      "without speculative decoding)"),
+    FamilySpec("vllm_spec_decode_accepted_tokens_total", "counter",
+               "Draft tokens the target model accepted. Acceptance rate: rate of this / rate "
+               "of draft tokens; mean accepted length per step: 1 + rate of this / rate of "
+               "drafts.",
+               source="SchedulerStats.spec_decoding_stats.num_accepted_tokens (0.26+; absent "
+                      "without speculative decoding)"),
+    FamilySpec("vllm_spec_decode_accepted_tokens_per_position_total", "counter",
+               "Accepted draft tokens by their position in the draft (0 = first); one "
+               "position per speculative token configured (num_speculative_tokens).",
+               labels=ENGINE_LABELS + ("position",),
+               source="SchedulerStats.spec_decoding_stats.num_accepted_tokens_per_pos (0.26+; "
+                      "absent without speculative decoding)"),
+    # --- opt-in vLLM statistics (engine.kv_cache_metrics, engine.enable_mfu_metrics) -------
+    FamilySpec("vllm_kv_block_lifetime_seconds", "histogram",
+               "KV-cache blocks from allocation to eviction, for the blocks vLLM samples "
+               "(engine.kv_cache_metrics_sample).",
+               source="SchedulerStats.kv_cache_eviction_events[].lifetime_seconds (0.26+; only "
+                      "with engine.kv_cache_metrics)",
+               buckets_key="kv_cache_residency"),
+    FamilySpec("vllm_kv_block_idle_before_evict_seconds", "histogram",
+               "Time a sampled KV-cache block sat unused before it was evicted.",
+               source="SchedulerStats.kv_cache_eviction_events[].idle_seconds (0.26+; only "
+                      "with engine.kv_cache_metrics)",
+               buckets_key="kv_cache_residency"),
+    FamilySpec("vllm_kv_block_reuse_gap_seconds", "histogram",
+               "Time between consecutive uses of a sampled KV-cache block (its last few uses, "
+               "observed at eviction).",
+               source="SchedulerStats.kv_cache_eviction_events[].reuse_gaps_seconds (0.26+; "
+                      "only with engine.kv_cache_metrics)",
+               buckets_key="kv_cache_residency"),
+    FamilySpec("vllm_estimated_flops_per_gpu_total", "counter",
+               "Floating-point operations per GPU, as vLLM estimates them from the model's "
+               "shape and each step's batch. Model FLOPs utilisation (MFU): rate of this / the "
+               "GPU's peak FLOP/s.",
+               source="SchedulerStats.perf_stats.num_flops_per_gpu (0.26+; only with "
+                      "engine.enable_mfu_metrics)"),
+    FamilySpec("vllm_estimated_read_bytes_per_gpu_total", "counter",
+               "Bytes read from GPU memory per GPU, as vLLM estimates them (weights, KV cache, "
+               "activations).",
+               source="SchedulerStats.perf_stats.num_read_bytes_per_gpu (0.26+; only with "
+                      "engine.enable_mfu_metrics)"),
+    FamilySpec("vllm_estimated_write_bytes_per_gpu_total", "counter",
+               "Bytes written to GPU memory per GPU, as vLLM estimates them.",
+               source="SchedulerStats.perf_stats.num_write_bytes_per_gpu (0.26+; only with "
+                      "engine.enable_mfu_metrics)"),
     # --- configuration and capacity, set once the engine is initialised ---------------------
     FamilySpec("vllm_engine_config_info", "info",
                "The engine's tuning configuration as labels (value 1).",
@@ -206,16 +292,23 @@ FAMILIES: tuple[FamilySpec, ...] = (
                "Tokens per KV-cache block.",
                source="CacheConfig.block_size"),
     FamilySpec("vllm_kv_cache_capacity_tokens", "gauge",
-               "Tokens the KV cache holds: blocks x block size.",
-               source="CacheConfig.num_gpu_blocks x block_size"),
+               "Tokens the KV cache holds: vLLM's own figure where it reports one (max "
+               "concurrency x max_model_len, right for models that mix KV-cache layer types), "
+               "else blocks x block size.",
+               source="CacheConfig.kv_cache_size_tokens (0.26+), else num_gpu_blocks x "
+                      "block_size"),
     FamilySpec("vllm_kv_cache_bytes_per_token", "gauge",
                "KV-cache bytes one token costs across the whole model: 2 x layers x KV heads x "
                "head dim x KV dtype bytes (grouped-query attention and KV dtype accounted; MLA "
                "stores one latent vector instead of K and V).",
                source="ModelConfig (layers, KV heads, head size), CacheConfig.cache_dtype"),
     FamilySpec("vllm_kv_cache_capacity_bytes", "gauge",
-               "KV-cache bytes across the model: capacity tokens x bytes per token.",
+               "KV-cache bytes across the model: blocks x block size x bytes per token.",
                source="derived"),
+    FamilySpec("vllm_kv_cache_max_concurrency", "gauge",
+               "Requests of max_model_len tokens the KV cache holds at once, as vLLM computes "
+               "it (per engine; group-aware for hybrid models).",
+               source="CacheConfig.kv_cache_max_concurrency (0.26+)"),
     # --- the daemon's own health ------------------------------------------------------------
     FamilySpec("vllm_exporter_build_info", "info",
                "The exporter's version and the versions it runs with (value 1).",
@@ -283,6 +376,27 @@ FAMILIES: tuple[FamilySpec, ...] = (
                labels=("label",), source="the stat logger"),
 )
 
+# Families that exist only where vLLM provides them (a feature switched on, a newer release),
+# and are absent otherwise: never a 0 that would read as "measured, nothing happened". The value
+# says what provides them; dashboards show it where such a panel has no data.
+SPEC_DECODE_OFF = "not enabled (no speculative decoding)"
+CONDITIONAL_FAMILIES: dict[str, str] = {
+    "vllm_spec_decode_drafts_total": SPEC_DECODE_OFF,
+    "vllm_spec_decode_draft_tokens_total": SPEC_DECODE_OFF,
+    "vllm_spec_decode_accepted_tokens_total": SPEC_DECODE_OFF,
+    "vllm_spec_decode_accepted_tokens_per_position_total": SPEC_DECODE_OFF,
+    "vllm_kv_block_lifetime_seconds": "not enabled (engine.kv_cache_metrics)",
+    "vllm_kv_block_idle_before_evict_seconds": "not enabled (engine.kv_cache_metrics)",
+    "vllm_kv_block_reuse_gap_seconds": "not enabled (engine.kv_cache_metrics)",
+    "vllm_estimated_flops_per_gpu_total": "not enabled (engine.enable_mfu_metrics)",
+    "vllm_estimated_read_bytes_per_gpu_total": "not enabled (engine.enable_mfu_metrics)",
+    "vllm_estimated_write_bytes_per_gpu_total": "not enabled (engine.enable_mfu_metrics)",
+    "vllm_requests_waiting_kv_fetch": "no KV-transfer consumer (kv_transfer_config)",
+    "vllm_external_prefix_cache_queries_total": "no KV connector (kv_transfer_config)",
+    "vllm_external_prefix_cache_hits_total": "no KV connector (kv_transfer_config)",
+    "vllm_admission_rejections_total": "vLLM 0.32+ only",
+}
+
 ERROR_COMPONENTS = ("stat_logger", "idle_watchdog", "engine_health", "metrics_server", "gpu",
                     "alerts")
 
@@ -313,22 +427,8 @@ class EngineMetrics:
     def __post_init__(self) -> None:
         for family in FAMILIES:
             if family.where == "server":
-                setattr(self, attr_name(family), self._create(family))
-
-    def _create(self, family: FamilySpec):
-        kwargs = dict(name=family.client_name, documentation=family.help,
-                      labelnames=family.labels, registry=self.registry)
-        if family.kind == "counter":
-            return Counter(**kwargs)
-        if family.kind in ("gauge", "info"):
-            # Info families are gauges fixed at 1: prometheus-client's Info type cannot be
-            # re-labelled (the engine's config is known only once the engine is up).
-            if family.kind == "info":
-                kwargs["name"] = family.name
-            return Gauge(**kwargs)
-        if family.kind == "histogram":
-            return Histogram(buckets=SCRAPE_DURATION_BUCKETS, **kwargs)
-        raise ValueError(f"unknown kind {family.kind!r} for {family.name}")
+                buckets = SCRAPE_DURATION_BUCKETS if family.kind == "histogram" else None
+                setattr(self, attr_name(family), create_client(family, self.registry, buckets))
 
 
 def attr_name(family: FamilySpec) -> str:

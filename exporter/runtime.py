@@ -27,11 +27,12 @@ import time
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
 
 from . import __version__
 from .aggregate import ShardCollector, ShardSet
+from .alerts.hooks import AlertHooks
 from .config import Config
+from .families import metric_family
 from .frontend import Frontend
 from .gpu import GpuCollector
 from .metrics import (
@@ -73,13 +74,13 @@ class ProcessesCollector:
         self.spec = spec("vllm_exporter_processes")
 
     def describe(self):
-        return [GaugeMetricFamily(self.spec.name, self.spec.help, labels=self.spec.labels)]
+        return [metric_family(self.spec)]
 
     def collect(self):
         # The shards as the ShardCollector (registered before this one, and rendered first on
         # the fast path) or the side loop last refreshed them.
         counts = self.shards.processes()
-        family = GaugeMetricFamily(self.spec.name, self.spec.help, labels=self.spec.labels)
+        family = metric_family(self.spec)
         for role in PROCESS_ROLES:
             for state in ("live", "exited"):
                 family.add_metric([role, state], counts.get((role, state), 0))
@@ -198,6 +199,16 @@ class Runtime:
                                     request_timeout_seconds=listen.request_timeout_seconds,
                                     shards=self.collector)
         self.server.start()
+
+    def alert_hooks(self) -> AlertHooks:
+        """What the alerting service needs from this process (call after the metrics port is
+        bound, so that its routes and port are known)."""
+        hooks: dict[str, Any] = dict(on_engine_death=self.on_engine_death.append,
+                                     count_error=self.metrics.errors.labels("alerts").inc)
+        if self.server is not None:
+            hooks.update(metrics_port=self.server.port, add_route=self.server.add_route,
+                         add_renderer=self.server.add_renderer)
+        return AlertHooks(**hooks)
 
     def reload_web_config(self) -> bool:
         """Re-read the web config file (SIGHUP). An invalid file leaves the old one active."""

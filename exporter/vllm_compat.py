@@ -20,6 +20,7 @@ import vllm
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase, StatLoggerBase  # noqa: F401
 
 from .capacity import kv_bytes_per_token, kv_cache_dtype_bytes
+from .engine_settings import ENGINE_SETTINGS
 
 VLLM_VERSION: str = getattr(vllm, "__version__", "unknown")
 
@@ -66,40 +67,31 @@ def finish_reason_name(reason: Any) -> str:
 
 
 def engine_config_labels(vllm_config: Any, served_model_name: str) -> dict[str, str]:
-    """The tuning configuration the engine actually runs with, as label values."""
-    model_config = vllm_config.model_config
-    cache_config = vllm_config.cache_config
-    scheduler_config = vllm_config.scheduler_config
-    parallel_config = vllm_config.parallel_config
-    device_config = getattr(vllm_config, "device_config", None)
+    """The tuning configuration the engine actually runs with, as label values: each label of
+    engine_settings.ENGINE_SETTINGS read from its path in VllmConfig."""
+    labels = {}
+    for setting in ENGINE_SETTINGS:
+        if setting.info_label and setting.vllm:
+            labels[setting.name] = _label_text(_read_path(vllm_config, setting.vllm)) or \
+                setting.unset
+    labels["model"] = served_model_name
+    labels["vllm_version"] = VLLM_VERSION
+    return labels
 
-    def text(value: Any) -> str:
-        if value is None:
-            return ""
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return str(value).removeprefix("torch.")
 
-    return {
-        "model": served_model_name,
-        "served_model_name": text(model_config.served_model_name),
-        "vllm_version": VLLM_VERSION,
-        "quantization": text(getattr(model_config, "quantization", None)) or "none",
-        "dtype": text(model_config.dtype),
-        "kv_cache_dtype": text(cache_config.cache_dtype),
-        "gpu_memory_utilization": text(cache_config.gpu_memory_utilization),
-        "max_model_len": text(model_config.max_model_len),
-        "max_num_seqs": text(scheduler_config.max_num_seqs),
-        "max_num_batched_tokens": text(scheduler_config.max_num_batched_tokens),
-        "block_size": text(cache_config.block_size),
-        "enable_prefix_caching": text(cache_config.enable_prefix_caching),
-        "enable_chunked_prefill": text(getattr(scheduler_config, "enable_chunked_prefill", None)),
-        "tensor_parallel_size": text(parallel_config.tensor_parallel_size),
-        "pipeline_parallel_size": text(parallel_config.pipeline_parallel_size),
-        "data_parallel_size": text(getattr(parallel_config, "data_parallel_size", 1)),
-        "seed": text(getattr(model_config, "seed", None)),
-        "device": text(getattr(device_config, "device_type", "")),
-    }
+def _read_path(obj: Any, path: str) -> Any:
+    """`obj.a.b` for path "a.b"; None where an attribute is missing (older vLLM releases)."""
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+    return obj
+
+
+def _label_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value).removeprefix("torch.")
 
 
 def kv_cache_geometry(vllm_config: Any) -> dict[str, float]:

@@ -42,8 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-from .config import ConfigError, read_yaml_file
+from .config_files import ConfigError, read_yaml_file
 
 TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,

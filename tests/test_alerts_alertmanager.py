@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import base64
-import json
-import threading
 import time
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from alerting_fixtures import make_alertmanager, needs_alertmanager, webhook  # noqa: F401
 from exporter.alerts.alertmanager import AlertmanagerClient, SendCounters
 from exporter.alerts.config import AlertmanagerConfig
-from helpers import free_port, wait_for
+from testsupport.markers import needs_alertmanager
+from testsupport.net import free_port
+from testsupport.prometheus import make_alertmanager
+from testsupport.waiting import wait_for
+from testsupport.webhook import WebhookReceiver
 
 
 def _alert(name: str, resolved: bool = False, **labels) -> dict:
@@ -47,7 +47,7 @@ def _client(urls, counts: Counts, **kw) -> AlertmanagerClient:
 
 @needs_alertmanager
 def test_firing_and_resolution_reach_the_webhook(tmp_path, webhook):
-    am = make_alertmanager(tmp_path, webhook.url).start()
+    am = make_alertmanager(tmp_path / "am", webhook.url).start()
     counts = Counts()
     client = _client([am.url], counts)
     try:
@@ -66,7 +66,7 @@ def test_firing_and_resolution_reach_the_webhook(tmp_path, webhook):
 @needs_alertmanager
 def test_alertmanager_down_during_firing_then_started(tmp_path, webhook):
     port = free_port()
-    am = make_alertmanager(tmp_path, webhook.url, port=port)
+    am = make_alertmanager(tmp_path / "am", webhook.url, port=port)
     counts = Counts()
     client = _client([am.url], counts)
     try:
@@ -85,7 +85,7 @@ def test_alertmanager_down_during_firing_then_started(tmp_path, webhook):
 @needs_alertmanager
 def test_queue_never_exceeds_its_bound_and_newest_survive(tmp_path, webhook):
     port = free_port()
-    am = make_alertmanager(tmp_path, webhook.url, port=port)
+    am = make_alertmanager(tmp_path / "am", webhook.url, port=port)
     counts = Counts()
     client = _client([am.url], counts, queue_size=10)
     try:
@@ -111,8 +111,8 @@ def test_queue_never_exceeds_its_bound_and_newest_survive(tmp_path, webhook):
 
 @needs_alertmanager
 def test_every_alertmanager_gets_every_alert(tmp_path, webhook):
-    first = make_alertmanager(tmp_path, webhook.url, name="am1").start()
-    second = make_alertmanager(tmp_path, webhook.url, name="am2").start()
+    first = make_alertmanager(tmp_path / "am1", webhook.url).start()
+    second = make_alertmanager(tmp_path / "am2", webhook.url).start()
     counts = Counts()
     client = _client([first.url, second.url], counts)
     try:
@@ -124,36 +124,9 @@ def test_every_alertmanager_gets_every_alert(tmp_path, webhook):
         second.stop()
 
 
-class _RecordingServer:
-    """A stand-in Alertmanager that records requests and answers with a fixed status."""
-
-    def __init__(self, status: int = 200):
-        self.requests: list[tuple[dict, object]] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                owner.requests.append((dict(self.headers), json.loads(body)))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.mark.parametrize("auth", ["basic", "bearer"])
 def test_auth_headers_are_sent(tmp_path, auth):
-    server = _RecordingServer()
+    server = WebhookReceiver()  # a stand-in Alertmanager: records what the client sends
     secret = tmp_path / "secret"
     secret.write_text("s3cret\n")
     kw = ({"basic_auth_username": "alice", "basic_auth_password_file": str(secret)}
@@ -161,8 +134,8 @@ def test_auth_headers_are_sent(tmp_path, auth):
     client = _client([server.url], Counts(), **kw)
     try:
         client.enqueue([_alert("Auth")])
-        wait_for(lambda: server.requests, 5, what="a request")
-        headers, body = server.requests[0]
+        wait_for(lambda: server.payloads, 5, what="a request")
+        headers, body = server.headers[0], server.payloads[0]
         expected = ("Basic " + base64.b64encode(b"alice:s3cret").decode() if auth == "basic"
                     else "Bearer s3cret")
         assert headers["Authorization"] == expected
@@ -173,14 +146,14 @@ def test_auth_headers_are_sent(tmp_path, auth):
 
 
 def test_a_rejected_payload_is_dropped_not_retried_forever():
-    server = _RecordingServer(status=400)
+    server = WebhookReceiver(status=400)
     counts = Counts()
     client = _client([server.url], counts)
     try:
         client.enqueue([_alert("Rejected")])
         wait_for(lambda: counts.dropped == 1, 5, what="the rejected alert dropped")
-        time.sleep(0.5)
-        assert len(server.requests) == 1 and client.queue_length(server.url) == 0
+        time.sleep(0.5)  # what is under test: no retry of the rejected payload in this time
+        assert len(server.payloads) == 1 and client.queue_length(server.url) == 0
     finally:
         client.stop()
         server.close()
@@ -199,7 +172,7 @@ def test_daemon_service_alert_survives_alertmanager_down_then_resolves(tmp_path,
     from exporter.runtime import Runtime
     from exporter.slo import SloConfig
 
-    am = make_alertmanager(tmp_path, webhook.url, port=free_port())
+    am = make_alertmanager(tmp_path / "am", webhook.url, port=free_port())
     config = load_config(None)
     config.alerts.evaluation_interval_seconds = 0.2
     config.alerts.alertmanager = AlertmanagerConfig(urls=[am.url], retry_initial_seconds=0.1,
@@ -217,7 +190,7 @@ def test_daemon_service_alert_survives_alertmanager_down_then_resolves(tmp_path,
     registry, metrics = rt.registry, rt.metrics
 
     service = AlertingService(config, parse_rules({"rules": [rule]}, SloConfig(), "t"))
-    service.start(rt)
+    service.start(rt.registry, rt.alert_hooks())
     try:
         metrics.requests_waiting.labels("m", "0").set(7)
         wait_for(lambda: (registry.get_sample_value(
@@ -249,7 +222,7 @@ def test_engine_death_is_evaluated_at_once_and_its_delivery_awaited(tmp_path, we
     from exporter.config import load_config
     from exporter.runtime import Runtime
 
-    am = make_alertmanager(tmp_path, webhook.url, port=free_port())
+    am = make_alertmanager(tmp_path / "am", webhook.url, port=free_port())
     config = load_config(None, {"gpu.enabled": False})
     config.alerts.evaluation_interval_seconds = 60
     config.alerts.alertmanager = AlertmanagerConfig(urls=[am.url], retry_initial_seconds=0.1,
@@ -258,9 +231,10 @@ def test_engine_death_is_evaluated_at_once_and_its_delivery_awaited(tmp_path, we
     rt.model = "m"
     rt.set_engine_serving()
     service = AlertingService(config, load_rules(config))
-    service.start(rt)
+    service.start(rt.registry, rt.alert_hooks())
     try:
-        time.sleep(0.5)  # the first tick, at start, found nothing to fire
+        wait_for(lambda: service.evaluator.last_eval is not None, 10,
+                 what="the first tick, at start")
         assert service.evaluator.firing() == []
         died_at = time.monotonic()
         rt.mark_engine_dead()

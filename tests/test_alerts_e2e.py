@@ -12,16 +12,14 @@ detection latencies are printed (bench figures).
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from alerting_fixtures import E2E_ALERT, needs_alertmanager, needs_prometheus
-from helpers import http_get, wait_for
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from bench_alert_detection import measure_detection  # noqa: E402
+from testsupport.alert_detection import measure_detection
+from testsupport.alerting import E2E_ALERT
+from testsupport.markers import needs_alertmanager, needs_prometheus
+from testsupport.net import http_get
+from testsupport.waiting import wait_for
 
 pytestmark = [pytest.mark.engine, needs_alertmanager, needs_prometheus]
 

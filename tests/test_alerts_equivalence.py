@@ -19,13 +19,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alerting_fixtures import (ROOT, ScriptedSeries, evaluator_matches_promtool_file,
-                               needs_promtool, run_evaluator, run_promtool_test)
 from exporter.alerts.defaults import default_rule_file
 from exporter.alerts.expr import format_duration
 from exporter.alerts.promql import prometheus_rule_file, to_yaml
 from exporter.alerts.rules import parse_rules
 from exporter.slo import SloConfig
+from testsupport import ROOT
+from testsupport.markers import needs_promtool
+from testsupport.promtool import (ScriptedSeries, evaluator_matches_promtool_file, run_evaluator,
+                                  run_promtool_test)
 
 PROMTOOL_TESTS = sorted((ROOT / "deploy/prometheus/tests").glob("*.test.yml"))
 
@@ -77,8 +79,8 @@ def scenario_rules() -> dict:
          "while_positive": ["vllm_requests_waiting"], "on": ["model", "engine"],
          "annotations": _annotations("stall {{ $labels.engine }}")},
         {"alert": "GpuVisibleHot", "kind": "threshold", "for": "0s", "severity": "info",
-         "signal": {"gauge": "gpu_temperature_celsius"}, "above": 80,
-         "only_if": [{"gauge": "gpu_engine_visible", "above": 0, "on": ["uuid"]}],
+         "signal": {"gauge": "vllm_gpu_temperature_celsius"}, "above": 80,
+         "only_if": [{"gauge": "vllm_gpu_engine_visible", "above": 0, "on": ["uuid"]}],
          "annotations": _annotations("hot {{ $labels.gpu }}")},
     ]
     return {"rules": rules}
@@ -160,9 +162,9 @@ def random_history(seed: int, steps: int) -> list[ScriptedSeries]:
         add("vllm_engine_last_step_timestamp_seconds", e, stamps)
     for gpu, visible in (("0", 1.0), ("1", 0.0)):
         labels = {"gpu": gpu, "uuid": f"GPU-{gpu}", "name": "H200"}
-        series.append(ScriptedSeries("gpu_temperature_celsius", labels,
+        series.append(ScriptedSeries("vllm_gpu_temperature_celsius", labels,
                                      [float(rnd.randint(70, 90)) for _ in range(steps)]))
-        series.append(ScriptedSeries("gpu_engine_visible", {**labels, "cuda_index": gpu},
+        series.append(ScriptedSeries("vllm_gpu_engine_visible", {**labels, "cuda_index": gpu},
                                      [visible] * steps))
     return series
 

@@ -11,7 +11,8 @@ import pytest
 
 from exporter.alerts.evaluator import FIRING, INACTIVE, PENDING, Evaluator
 from exporter.alerts.history import History
-from exporter.alerts.promfuncs import bucket_quantile, extrapolated_rate, humanize_duration
+from exporter.alerts.promfuncs import extrapolated_rate, humanize_duration
+from exporter.quantile import histogram_quantile
 from exporter.alerts.rules import parse_rules
 from exporter.alerts.service import AlertingService
 from exporter.alerts.templates import go_float, render
@@ -50,12 +51,30 @@ def test_rate_counts_resets():
 
 def test_histogram_quantile_interpolates_inside_the_bucket():
     buckets = [(0.1, 10), (0.5, 60), (1.0, 100), (math.inf, 100)]
-    assert bucket_quantile(0.5, buckets) == pytest.approx(0.1 + 0.4 * (50 - 10) / 50)
-    assert bucket_quantile(0.99, buckets) == pytest.approx(0.5 + 0.5 * (99 - 60) / 40)
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1 + 0.4 * (50 - 10) / 50)
+    assert histogram_quantile(0.99, buckets) == pytest.approx(0.5 + 0.5 * (99 - 60) / 40)
     # rank in the +Inf bucket: the highest finite bound
-    assert bucket_quantile(0.9, [(1.0, 5), (math.inf, 10)]) == 1.0
-    assert math.isnan(bucket_quantile(0.5, [(1.0, 0), (math.inf, 0)]))
-    assert math.isnan(bucket_quantile(0.5, [(1.0, 5)]))  # no +Inf bucket
+    assert histogram_quantile(0.9, [(1.0, 5), (math.inf, 10)]) == 1.0
+    assert math.isnan(histogram_quantile(0.5, [(1.0, 0), (math.inf, 0)]))
+    assert math.isnan(histogram_quantile(0.5, [(1.0, 5)]))  # no +Inf bucket
+
+
+def test_histogram_quantile_edge_cases_as_prometheus():
+    buckets = [(0.1, 10), (0.5, 60), (1.0, 100), (math.inf, 100)]
+    assert histogram_quantile(-0.1, buckets) == -math.inf
+    assert histogram_quantile(1.1, buckets) == math.inf
+    assert math.isnan(histogram_quantile(math.nan, buckets))
+    assert math.isnan(histogram_quantile(0.5, [(math.inf, 5)]))  # one bucket only
+    assert math.isnan(histogram_quantile(0.5, []))
+    # Counts that fall with the bound are raised to the running maximum first.
+    assert histogram_quantile(0.5, [(0.1, 10), (0.5, 9), (1.0, 20), (math.inf, 20)]) == \
+        pytest.approx(0.1)
+    # Same bounds add up (series merged by `le`), in any order.
+    assert histogram_quantile(0.5, [(math.inf, 50), (0.5, 30), (0.5, 20), (math.inf, 50)]) == \
+        pytest.approx(0.5)
+    # A first bucket with a bound <= 0 answers that bound; q = 0 over an empty first bucket NaN.
+    assert histogram_quantile(0.1, [(0.0, 5), (1.0, 10), (math.inf, 10)]) == 0.0
+    assert math.isnan(histogram_quantile(0.0, [(0.1, 0), (1.0, 5), (math.inf, 5)]))
 
 
 def test_go_formatting():
@@ -203,7 +222,7 @@ def test_service_evaluates_our_registry_and_serves_json(tmp_path):
     registry, metrics = rt.registry, rt.metrics
 
     service = AlertingService(config, rules)
-    service.start(rt)
+    service.start(rt.registry, rt.alert_hooks())
     try:
         metrics.requests_waiting.labels("m", "0").set(9)
         deadline = time.monotonic() + 5

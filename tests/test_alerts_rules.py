@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alerting_fixtures import ROOT, needs_promtool, run_promtool_test
 from exporter.alerts import ALERT_FAMILIES, prepare_alerts
 from exporter.alerts.cli import export_text
 from exporter.alerts.defaults import DEFAULT_THRESHOLDS, default_rule_file
@@ -19,6 +18,9 @@ from exporter.config import ConfigError, load_config
 from exporter.gpu import GPU_FAMILIES
 from exporter.metrics import FAMILIES
 from exporter.slo import SloConfig
+from testsupport import ROOT
+from testsupport.markers import needs_promtool
+from testsupport.promtool import run_promtool_test
 
 RULES_FILE = ROOT / "deploy/prometheus/rules/vllm-exporter.rules.yml"
 K8S_FILE = ROOT / "deploy/kubernetes/prometheusrule.yaml"
@@ -164,17 +166,17 @@ def test_a_replaced_threshold_is_refused_naming_its_replacement(tmp_path):
 
 
 def test_a_difference_signal_subtracts_one_gauge_from_the_other():
-    signal = {"difference": {"minuend": {"metric": "gpu_process_memory_used_bytes",
+    signal = {"difference": {"minuend": {"metric": "vllm_gpu_process_memory_used_bytes",
                                          "match": {"owner": "engine"}},
-                             "subtrahend": {"metric": "gpu_memory_budget_bytes"}},
+                             "subtrahend": {"metric": "vllm_gpu_memory_budget_bytes"}},
               "without": ["owner"]}
     rules = parse_rules({"rules": [good_rule(signal=signal, above=5)]},
                         SloConfig(), "test")
     assert rules[0].expr.promql() == (
-        '(sum without (owner) (gpu_process_memory_used_bytes{owner="engine"}) - '
-        'sum without (owner) (gpu_memory_budget_bytes)) > 5')
+        '(sum without (owner) (vllm_gpu_process_memory_used_bytes{owner="engine"}) - '
+        'sum without (owner) (vllm_gpu_memory_budget_bytes)) > 5')
     counter = {"difference": {"minuend": {"metric": "vllm_requests_finished_total"},
-                              "subtrahend": {"metric": "gpu_memory_budget_bytes"}}}
+                              "subtrahend": {"metric": "vllm_gpu_memory_budget_bytes"}}}
     with pytest.raises(ConfigError) as err:
         parse_rules({"rules": [good_rule(signal=counter)]},
                     SloConfig(), "test")
@@ -305,7 +307,7 @@ def test_label_values_the_default_rules_match_exist_in_the_code():
     from exporter.gpu import THROTTLE_REASONS as GPU_REASONS
 
     assert set(THROTTLE_REASONS) <= {name for name, _ in GPU_REASONS}
-    gpu_source = (ROOT / "exporter/gpu.py").read_text()
+    gpu_source = "".join(p.read_text() for p in sorted((ROOT / "exporter/gpu").rglob("*.py")))
     for value in ('"uncorrected"', '"engine"', '"other"'):
         assert value in gpu_source, value
     slo = SloConfig()

@@ -19,7 +19,7 @@ from exporter.config import load_config
 from exporter.runtime import Runtime
 from exporter.stats import MAX_REASON_KEYS
 from exporter.vllm_compat import finish_reason_name
-from helpers import Samples
+from testsupport.exposition import Samples
 
 MAX_ENGINES = 8
 DISTINCT_ENGINES = 10_000

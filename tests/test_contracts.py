@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
+from exporter.catalog import all_families
 from exporter.cli import build_parser
 from exporter.config import Config, load_config
-from exporter.docs import all_families, metrics_markdown
+from exporter.daemon import vllm_argv
+from exporter.docs import metrics_markdown
+from exporter.engine_settings import ENGINE_SETTINGS
 from exporter.metrics import FAMILIES
 from exporter.runtime import Runtime
 
@@ -25,7 +28,7 @@ FORBIDDEN_LABELS = {"request_id", "prompt", "user", "text", "id", "trace_id"}
 @pytest.mark.parametrize("family", all_families(), ids=lambda f: f.name)
 def test_family_follows_prometheus_conventions(family):
     assert re.fullmatch(r"[a-z][a-z0-9_]*", family.name), "lower-case, no colons"
-    assert family.name.startswith(("vllm_", "gpu_")), "our namespaces"
+    assert family.name.startswith("vllm_"), "our namespace (GPU families: vllm_gpu_)"
     assert family.kind in ("counter", "gauge", "histogram", "info")
     if family.kind == "counter":
         assert family.name.endswith("_total")
@@ -61,6 +64,45 @@ def test_registered_engine_families_match_the_specs():
                                   if not line.startswith("#"))
     finally:
         rt.stop()
+
+
+ENGINE_KEYS = (
+    "model", "served_model_name", "quantization", "dtype", "kv_cache_dtype",
+    "gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+    "block_size", "enable_prefix_caching", "enable_chunked_prefill", "tensor_parallel_size",
+    "pipeline_parallel_size", "data_parallel_size", "api_server_count", "seed",
+)
+ENGINE_CONFIG_INFO_LABELS = (
+    "model", "served_model_name", "vllm_version", "quantization", "dtype", "kv_cache_dtype",
+    "gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+    "block_size", "enable_prefix_caching", "enable_chunked_prefill", "tensor_parallel_size",
+    "pipeline_parallel_size", "data_parallel_size", "seed", "device",
+)
+
+
+def test_engine_settings_keep_their_public_names():
+    """Everything derived from engine_settings.ENGINE_SETTINGS: config keys, flags, the
+    config-info labels (in order) and the flags passed to vLLM."""
+    assert tuple(f.name for f in dataclasses.fields(Config().engine)) == \
+        ENGINE_KEYS + ("extra_args",)
+    parser = build_parser()
+    for key in ENGINE_KEYS:
+        flag = "--" + key.replace("_", "-")
+        boolean = key.startswith("enable_")
+        args = vars(parser.parse_args(["serve", flag] if boolean else ["serve", flag, "1"]))
+        assert args[f"engine.{key}"] in (True, 1, 1.0, "1"), flag
+    args = vars(parser.parse_args(["serve", "--no-enable-prefix-caching"]))
+    assert args["engine.enable_prefix_caching"] is False
+    assert next(f for f in FAMILIES if f.name == "vllm_engine_config_info").labels == \
+        ENGINE_CONFIG_INFO_LABELS
+    config = load_config(None, {f"engine.{key}": value for key, value in (
+        ("max_num_seqs", 8), ("enable_chunked_prefill", False), ("api_server_count", 1),
+        ("gpu_memory_utilization", 0.5))})
+    assert vllm_argv(config, "/m", "m") == [
+        "--model", "/m", "--served-model-name", "m", "--host", "127.0.0.1", "--port", "8000",
+        "--gpu-memory-utilization", "0.5", "--max-num-seqs", "8", "--no-enable-chunked-prefill",
+        "--api-server-count", "1"]
+    assert [s.name for s in ENGINE_SETTINGS if s.type is not None] == list(ENGINE_KEYS)
 
 
 def test_metrics_reference_is_generated_from_the_code():

@@ -11,13 +11,16 @@ import asyncio
 import json
 import shutil
 import subprocess
-import time
 import urllib.request
 
 import openai
 import pytest
 
-from helpers import Samples, abandoned_request, engine_paused, http_get, wait_for
+from testsupport.exposition import Samples
+from testsupport.load import abandoned_request
+from testsupport.net import http_get
+from testsupport.processes import engine_paused
+from testsupport.waiting import wait_for
 
 EOS_TOKEN_ID = 1  # the default model's </s>
 MODEL = "vllm-exporter-default"
@@ -117,6 +120,13 @@ def _delta(after, before, name: str, **labels) -> float:
     return after.get(name, **labels) - before.get(name, **labels)
 
 
+def _scrape_counting(daemon, before: Samples, finished: int) -> Samples | None:
+    """A scrape that counts `finished` more finished requests than `before`, else None."""
+    now = daemon.scrape()
+    done = _delta(now, before, "vllm_requests_finished_total", model=MODEL)
+    return now if done >= finished else None
+
+
 @pytest.mark.engine
 def test_scrape_agrees_exactly_with_the_api(daemon):
     client = _client(daemon)
@@ -124,10 +134,11 @@ def test_scrape_agrees_exactly_with_the_api(daemon):
     before = daemon.scrape()
     ledger = Ledger()
     asyncio.run(_completed_load(client, ledger))
-    time.sleep(0.5)  # the last step's stats reach the logger right after the last response
-    after = daemon.scrape()
-
     finished = sum(ledger.finish.values())
+    # The last step's stats reach the logger right after the last response.
+    after = wait_for(lambda: _scrape_counting(daemon, before, finished), 10,
+                     what=f"{finished} more finished requests in the scrape")
+
     assert finished >= 30
     assert ledger.finish.get("stop", 0) >= 4 and ledger.finish.get("length", 0) >= 20
     for reason in ("stop", "length", "abort", "error"):
@@ -261,6 +272,8 @@ def test_prompts_and_completions_never_reach_the_log(daemon):
     success, and not when a bad request is refused (a too-long prompt, a bad parameter)."""
     marker = "confidential-3f9c"
     url = daemon.api_url + "/v1/completions"
+    access_line = '"POST /v1/completions HTTP/1.1"'
+    lines_before = daemon.log_path.read_text(errors="replace").count(access_line)
     status, body = _post_json(url, {"model": MODEL, "prompt": f"{marker} say something",
                                     "max_tokens": 8})
     assert status == 200
@@ -268,8 +281,14 @@ def test_prompts_and_completions_never_reach_the_log(daemon):
     for refused in ({"model": MODEL, "prompt": f"{marker} " * 600, "max_tokens": 4},
                     {"model": MODEL, "prompt": marker, "max_tokens": 4, "top_p": 7}):
         assert 400 <= _post_json(url, refused)[0] < 500
-    time.sleep(1)  # let the daemon's log catch up
-    log = daemon.log_path.read_text(errors="replace")
+
+    def log_with_every_request() -> str | None:
+        """The log, once it holds the server's access line of each request (a request logs
+        anything of its own before that line)."""
+        text = daemon.log_path.read_text(errors="replace")
+        return text if text.count(access_line) >= lines_before + 3 else None
+
+    log = wait_for(log_with_every_request, 10, what="the access lines of the 3 requests")
     assert marker not in log
     assert len(completion.strip()) < 8 or completion.strip() not in log
 

@@ -4,7 +4,7 @@ every panel query valid and non-empty against a real Prometheus scraping the rea
 GPU panels get their data from the real GPU collector over a fake NVML (tests/fake_pynvml.py,
 recorded on an H200), served on its own port and scraped by the same Prometheus under the same
 job: no second engine. DASHBOARD_PNG_DIR=DIR also renders every dashboard to DIR/dashboard-*.png
-from the live data (bench/render_dashboards.py).
+from the live data (testsupport/dashboard_png.py, as bench/render_dashboards.py does).
 """
 
 from __future__ import annotations
@@ -12,41 +12,36 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from dataclasses import dataclass
 import re
-import sys
 import time
 from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 import yaml
 
-from exporter.dashboards import generate, to_text
+from exporter.dashboards import to_text
 from exporter.dashboards.cli import expected_files, run_dashboards
 from exporter.dashboards.configmap import configmap_text
 from exporter.dashboards.inspect import (PROMETHEUS_SERIES, iter_panels, iter_rows,
                                          metric_names, substitute,
                                          variable_metric, variable_queries)
 from exporter.docs import all_families
-from fixtures_prometheus import PROMETHEUS, Load, Prometheus, serve_fake_gpu, start_prometheus
-from helpers import abandoned_request, engine_paused, wait_for
+from testsupport import ROOT
+from testsupport.dashboards import (DASHBOARDS, JOB, NEEDS_ALERTMANAGER, RATE_INTERVAL, RULES_FILE,
+                                    Live, all_targets, escape_regex, wait_for_rate_windows)
+from testsupport.load import Load, abandoned_request
+from testsupport.processes import engine_paused
+from testsupport.prometheus import PROMETHEUS, start_prometheus
+from testsupport.waiting import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = ROOT / "grafana" / "dashboards"
 CONFIGMAP = ROOT / "deploy" / "kubernetes" / "configmap-dashboards.yaml"
-RULES_FILE = ROOT / "deploy" / "prometheus" / "rules" / "vllm-exporter.rules.yml"
-DASHBOARDS = generate()
-JOB = "vllm-exporter"
-RATE_INTERVAL = "15s"  # 15 samples at 1 s scrapes
 # Fixed windows allowed besides $__rate_interval / $__range: the SLO burn-rate pair (1h, 5m).
 FIXED_WINDOWS = {"1h", "5m"}
-# Families the daemon only exports with alerts.alertmanager.urls set. Where the shared daemon
-# has none, their panels may be empty (they are still run: valid PromQL).
-NEEDS_ALERTMANAGER = {f"vllm_exporter_alert_{name}" for name in (
-    "notifications_sent_total", "notifications_failed_total", "notifications_dropped_total",
-    "queue_length")}
 
 
 def sample_names() -> dict[str, str]:
@@ -59,13 +54,6 @@ def sample_names() -> dict[str, str]:
         else:
             names[family.name] = family.name
     return names
-
-
-def all_targets():
-    for file_name, dashboard in DASHBOARDS.items():
-        for panel in iter_panels(dashboard):
-            for target in panel["targets"]:
-                yield file_name, panel, target
 
 
 # --- generated == committed ---------------------------------------------------------------------
@@ -119,7 +107,7 @@ def test_every_metric_in_every_panel_and_variable_is_defined_in_the_code():
         for var, query in variable_queries(dashboard):
             if variable_metric(query) not in known:
                 unknown.append(f"{file_name} / ${var}: {variable_metric(query)}")
-    assert not unknown, "names not defined in exporter/ (metrics.py, gpu.py, alerts):\n" + \
+    assert not unknown, "names not defined in exporter/ (metrics.py, gpu/, alerts):\n" + \
         "\n".join(unknown)
 
 
@@ -225,19 +213,49 @@ def test_rows_nest_panels_when_collapsed():
 
 # --- the real check: every query against a real Prometheus --------------------------------------
 
-def _escape(value: str) -> str:
-    """A value as Grafana writes it into a regex matcher: special characters escaped with a
-    backslash, and that backslash doubled inside the PromQL string."""
-    return re.sub(r"([.\\+*?^$()\[\]{}|])", r"\\\\\1", value)
+GIB = 2**30
 
 
 @dataclass
-class Live:
-    prom: Prometheus
-    variables: dict[str, str]  # template variable -> the value substituted in the tests
-    started: float  # when both targets were scraped and the measured load began
-    load: Load
-    has_alertmanager: bool  # the daemon notifies an Alertmanager
+class FakeGpuServer:
+    collector: Any
+    fake: Any
+    server: Any
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.collector.stop()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def serve_fake_gpu(pcie_throughput: bool = True) -> FakeGpuServer:
+    """The real GPU collector over a fake NVML (an H200's recording) in its own registry on a
+    port of its own: this process plays the engine (3 GiB), another pid plays a foreign process
+    (1 GiB); one XID 79 is emitted once the watcher runs."""
+    import fake_pynvml
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from exporter.gpu import GpuCollector, GpuConfig
+
+    fake = fake_pynvml.FakeNvml(fake_pynvml.load_recording())
+    fake.set_processes(0, [(os.getpid(), 3 * GIB), (2**22 + 1, 1 * GIB)])
+    config = GpuConfig(interval_seconds=0.5, slow_interval_seconds=1.0,
+                       pcie_throughput=pcie_throughput, xid_events=True, event_wait_ms=50)
+    collector = GpuCollector(config, root_pid=os.getpid(), nvml=fake)
+    collector.set_memory_budget_ratio(0.9)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    server, _thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    port = server.server_address[1]
+    collector.start()
+    wait_for(lambda: any(not s.freed for s in fake.event_sets), 10, 0.05, "the XID watcher")
+    fake.emit_xid(0, 79)
+    return FakeGpuServer(collector, fake, server, port)
 
 
 @pytest.fixture(scope="module")
@@ -253,19 +271,32 @@ def live(daemon, tmp_path_factory):
         "labels": {"severity": "info"}}]}]}))
     gpu = serve_fake_gpu()
     daemon_target = f"127.0.0.1:{daemon.metrics_port}"
-    prom = start_prometheus(tmp, JOB, [daemon_target, gpu.target], [rules])
+    prom = start_prometheus(tmp / "prometheus", JOB, [daemon_target, gpu.target], [rules])
     load = Load(daemon.api_url, daemon.model).start()
-    # A longer run when the pictures are drawn, with events on the fake GPU along the way.
-    seconds = 60 if os.environ.get("DASHBOARD_PNG_DIR") else 20
+    drawing = bool(os.environ.get("DASHBOARD_PNG_DIR"))
+    variables = {
+        "__rate_interval": RATE_INTERVAL, "__range": "5m", "job": JOB,
+        "instance": "|".join(escape_regex(t) for t in (daemon_target, gpu.target)),
+        "model": escape_regex(daemon.model), "gpu": "0",
+        "slo_target": "0.99", "error_target": "0.999",
+    }
     try:
         wait_for(lambda: set(prom.targets_up().values()) == {"up"}, 30, 0.5, "targets up")
         wait_for(lambda: prom.query(f'count(up{{job="{JOB}"}} == 1) == 2'), 30, 0.5,
                  "first scrapes")
         started = time.time()
-        time.sleep(seconds / 3)
+        if drawing:  # a longer history to draw, with events on the fake GPU along the way:
+            time.sleep(20)  # the pictures' timeline, not a wait for a condition
         gpu.fake.emit_xid(0, 79)
         gpu.fake.set_value(0, "nvmlDeviceGetCurrentClocksEventReasons", 0x4)  # sw_power_cap
-        time.sleep(max(0.0, started + seconds - time.time()))  # every rate window filled
+        if drawing:
+            time.sleep(40)  # the rest of the pictures' timeline
+        wait_for_rate_windows(prom)
+        throttled = substitute(_panel("gpu.json", "Throttle reasons")["targets"][0]["expr"],
+                               variables) + " == 1"
+        wait_for(lambda: "sw_power_cap" in {s["metric"].get("reason")
+                                            for s in prom.query(throttled)},
+                 30, 0.5, "the throttle reason set on the fake GPU to show in Prometheus")
         # Aborts for certain (the load's own depend on timing): clients that give up while the
         # engine core is paused.
         async def give_up() -> list[str]:
@@ -281,12 +312,6 @@ def live(daemon, tmp_path_factory):
         wait_for(lambda: prom.query(f'sum(increase(vllm_requests_aborted_total{{job="{JOB}"}}'
                                     f'[{RATE_INTERVAL}])) > 0'), 60, 1,
                  "this load's aborts to show in Prometheus")
-        variables = {
-            "__rate_interval": RATE_INTERVAL, "__range": "5m", "job": JOB,
-            "instance": "|".join(_escape(t) for t in (daemon_target, gpu.target)),
-            "model": _escape(daemon.model), "gpu": "0",
-            "slo_target": "0.99", "error_target": "0.999",
-        }
         daemon_alerts = yaml.safe_load(daemon.config_path.read_text()).get("alerts") or {}
         urls = (daemon_alerts.get("alertmanager") or {}).get("urls")
         yield Live(prom, variables, started, load, bool(urls))
@@ -324,8 +349,7 @@ def test_every_panel_query_is_valid_and_returns_data(live):
     assert not live.load.errors, live.load.errors[:3]
 
     if os.environ.get("DASHBOARD_PNG_DIR"):
-        sys.path.insert(0, str(ROOT / "bench"))
-        from render_dashboards import render_all
+        from testsupport.dashboard_png import render_all
 
         paths = render_all(prom.url, Path(os.environ["DASHBOARD_PNG_DIR"]), variables,
                            live.started, time.time(), step=1,
@@ -370,12 +394,7 @@ def _values(prom, variables, file_name: str, title: str, target: int = 0) -> lis
     miss its 1 s deadline while the process is busy with the load, which makes the series
     stale for a moment: an empty result is asked again, for up to 15 s."""
     expr = substitute(_panel(file_name, title)["targets"][target]["expr"], variables)
-    result: list[dict] = []
-    deadline = time.monotonic() + 15
-    while not result and time.monotonic() < deadline:
-        result = prom.query(expr)
-        if not result:
-            time.sleep(0.5)
+    result = wait_for(lambda: prom.query(expr), 15, 0.5, f"{file_name} / {title}: {expr}")
     return [float(item["value"][1]) for item in result]
 
 
@@ -396,7 +415,7 @@ def test_panels_show_what_the_load_and_the_fake_gpu_did(live):
     assert _values(prom, v, "gpu.json", memory, 1) == [1 * gib]  # the other pid
     total = _values(prom, v, "gpu.json", memory, 3)[0]
     # The budget is vLLM's: the ratio of the card less what the driver reserves.
-    reserved = float(prom.query(f'gpu_memory_reserved_bytes{{job="{JOB}"}}')[0]["value"][1])
+    reserved = float(prom.query(f'vllm_gpu_memory_reserved_bytes{{job="{JOB}"}}')[0]["value"][1])
     assert 0 < reserved < total
     assert _values(prom, v, "gpu.json", memory, 2)[0] == pytest.approx(0.9 * (total - reserved))
     throttled = prom.query(substitute(_panel("gpu.json", "Throttle reasons")["targets"][0]

@@ -13,12 +13,14 @@ import time
 import pytest
 import yaml
 
-from conftest import start_daemon, stop_process_group
 from exporter.dashboards.inspect import metric_names, substitute
-from fixtures_prometheus import PROMETHEUS, Load, start_prometheus
-from helpers import free_port, wait_for
-from test_dashboards import (JOB, NEEDS_ALERTMANAGER, RATE_INTERVAL, RULES_FILE, Live,
-                             _escape, all_targets)
+from testsupport.daemon import start_daemon
+from testsupport.dashboards import (JOB, NEEDS_ALERTMANAGER, RATE_INTERVAL, RULES_FILE, Live,
+                                    all_targets, escape_regex, wait_for_rate_windows)
+from testsupport.load import Load
+from testsupport.net import free_port
+from testsupport.prometheus import PROMETHEUS, start_prometheus
+from testsupport.waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +37,14 @@ def default_live(tmp_path_factory):
     target = f"127.0.0.1:{metrics_port}"
     prom = load = None
     try:
-        prom = start_prometheus(tmp, JOB, [target])
+        prom = start_prometheus(tmp / "prometheus", JOB, [target])
         load = Load(daemon.api_url, daemon.model, concurrency=2, abandons=False).start()
         wait_for(lambda: prom.query(f'count(up{{job="{JOB}"}} == 1) == 1'), 30, 0.5,
                  "first scrapes")
-        time.sleep(20)  # every rate window filled
+        wait_for_rate_windows(prom)
         variables = {
             "__rate_interval": RATE_INTERVAL, "__range": "5m", "job": JOB,
-            "instance": _escape(target), "model": _escape(daemon.model), "gpu": "0",
+            "instance": escape_regex(target), "model": escape_regex(daemon.model), "gpu": "0",
             "slo_target": "0.99", "error_target": "0.999",
         }
         yield Live(prom, variables, time.time(), load, False)
@@ -51,12 +53,12 @@ def default_live(tmp_path_factory):
             load.stop()
         if prom is not None:
             prom.stop()
-        stop_process_group(daemon.process)
+        daemon.stop()
 
 
 def is_gpu_series(name: str) -> bool:
     """Read from NVML: absent on a machine without a GPU."""
-    return name.startswith(("gpu_", "vllm_exporter_gpu_"))
+    return name.startswith(("vllm_gpu_", "vllm_exporter_gpu_"))
 
 
 def _not_configured_text(panel: dict) -> str | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,11 +16,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import fake_pynvml
 from exporter.gpu import (GPU_FAMILIES, GpuCollector, GpuConfig, descendants,
                           map_cuda_visible_devices, read_parent_pids)
-
-sys.path.insert(0, str(Path(__file__).parent))
-import fake_pynvml  # noqa: E402
+from testsupport.waiting import wait_for
 
 GIB = 2**30
 RECORDING = fake_pynvml.load_recording()
@@ -102,15 +103,6 @@ def full_coverage_fake():
     return fake
 
 
-def wait_for(predicate, timeout=2.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_every_family_is_declared_with_its_labels_and_every_declared_family_is_produced():
     fake = full_coverage_fake()
     collector, registry = make(fake, pcie_throughput=True, xid_events=True, event_wait_ms=20)
@@ -119,7 +111,7 @@ def test_every_family_is_declared_with_its_labels_and_every_declared_family_is_p
         collector.sample_once()  # GPU 1's slow calls (one GPU per tick)
         collector.set_memory_budget_ratio(0.9)
         fake.emit_xid(0, 79)
-        assert wait_for(lambda: value(scrape(registry), "gpu_xid_errors_total",
+        assert wait_for(lambda: value(scrape(registry), "vllm_gpu_xid_errors_total",
                                       **gpu0(xid="79")) == 1)
         specs = {spec.name: spec for spec in GPU_FAMILIES}
         yielded = {}
@@ -138,7 +130,7 @@ def test_every_family_is_declared_with_its_labels_and_every_declared_family_is_p
 def test_families_follow_the_naming_conventions():
     for spec in GPU_FAMILIES:
         assert ":" not in spec.name
-        assert spec.name.startswith(("gpu_", "vllm_exporter_")), spec.name
+        assert spec.name.startswith(("vllm_gpu_", "vllm_exporter_")), spec.name
         assert spec.name.endswith("_total") == (spec.kind == "counter"), spec.name
         assert spec.help and spec.source
 
@@ -148,34 +140,35 @@ def test_values_are_the_recorded_ones_in_base_units():
     collector.sample_once()
     s = scrape(registry)
     mem = REC["nvmlDeviceGetMemoryInfo_v2"]
-    assert value(s, "gpu_memory_total_bytes", **gpu0()) == mem["total"]
-    assert value(s, "gpu_memory_used_bytes", **gpu0()) == mem["used"]
-    assert value(s, "gpu_memory_free_bytes", **gpu0()) == mem["free"]
-    assert value(s, "gpu_memory_reserved_bytes", **gpu0()) == mem["reserved"]
+    assert value(s, "vllm_gpu_memory_total_bytes", **gpu0()) == mem["total"]
+    assert value(s, "vllm_gpu_memory_used_bytes", **gpu0()) == mem["used"]
+    assert value(s, "vllm_gpu_memory_free_bytes", **gpu0()) == mem["free"]
+    assert value(s, "vllm_gpu_memory_reserved_bytes", **gpu0()) == mem["reserved"]
     util = REC["nvmlDeviceGetUtilizationRates"]
-    assert value(s, "gpu_utilization_ratio", **gpu0()) == pytest.approx(util["gpu"] / 100)
-    assert value(s, "gpu_memory_utilization_ratio", **gpu0()) == pytest.approx(
+    assert value(s, "vllm_gpu_utilization_ratio", **gpu0()) == pytest.approx(util["gpu"] / 100)
+    assert value(s, "vllm_gpu_memory_utilization_ratio", **gpu0()) == pytest.approx(
         util["memory"] / 100)
-    assert value(s, "gpu_power_watts", **gpu0()) == pytest.approx(
+    assert value(s, "vllm_gpu_power_watts", **gpu0()) == pytest.approx(
         REC["nvmlDeviceGetPowerUsage"] / 1000)
-    assert value(s, "gpu_power_limit_watts", **gpu0()) == pytest.approx(
+    assert value(s, "vllm_gpu_power_limit_watts", **gpu0()) == pytest.approx(
         REC["nvmlDeviceGetEnforcedPowerLimit"] / 1000)
-    assert value(s, "gpu_energy_joules_total", **gpu0()) == pytest.approx(
+    assert value(s, "vllm_gpu_energy_joules_total", **gpu0()) == pytest.approx(
         REC["nvmlDeviceGetTotalEnergyConsumption"] / 1000)
-    assert value(s, "gpu_temperature_celsius", **gpu0()) == REC["nvmlDeviceGetTemperature:0"]
-    assert value(s, "gpu_sm_clock_hertz", **gpu0()) == REC["nvmlDeviceGetClockInfo:1"] * 1e6
-    assert value(s, "gpu_memory_clock_hertz", **gpu0()) == REC["nvmlDeviceGetClockInfo:2"] * 1e6
-    assert value(s, "gpu_performance_state", **gpu0()) == REC["nvmlDeviceGetPerformanceState"]
-    assert value(s, "gpu_ecc_errors_total", **gpu0(type="corrected")) == \
+    assert value(s, "vllm_gpu_temperature_celsius", **gpu0()) == REC["nvmlDeviceGetTemperature:0"]
+    assert value(s, "vllm_gpu_sm_clock_hertz", **gpu0()) == REC["nvmlDeviceGetClockInfo:1"] * 1e6
+    assert value(s, "vllm_gpu_memory_clock_hertz", **gpu0()) == \
+        REC["nvmlDeviceGetClockInfo:2"] * 1e6
+    assert value(s, "vllm_gpu_performance_state", **gpu0()) == REC["nvmlDeviceGetPerformanceState"]
+    assert value(s, "vllm_gpu_ecc_errors_total", **gpu0(type="corrected")) == \
         REC["nvmlDeviceGetTotalEccErrors:0:0"]
-    assert value(s, "gpu_ecc_errors_total", **gpu0(type="uncorrected")) == \
+    assert value(s, "vllm_gpu_ecc_errors_total", **gpu0(type="uncorrected")) == \
         REC["nvmlDeviceGetTotalEccErrors:1:0"]
     correctable, uncorrectable, pending, failed = REC["nvmlDeviceGetRemappedRows"]
-    assert value(s, "gpu_remapped_rows", **gpu0(cause="correctable")) == correctable
-    assert value(s, "gpu_remapped_rows", **gpu0(cause="uncorrectable")) == uncorrectable
-    assert value(s, "gpu_row_remap_pending", **gpu0()) == (1 if pending else 0)
-    assert value(s, "gpu_row_remap_failed", **gpu0()) == (1 if failed else 0)
-    assert value(s, "gpu_up", **gpu0()) == 1
+    assert value(s, "vllm_gpu_remapped_rows", **gpu0(cause="correctable")) == correctable
+    assert value(s, "vllm_gpu_remapped_rows", **gpu0(cause="uncorrectable")) == uncorrectable
+    assert value(s, "vllm_gpu_row_remap_pending", **gpu0()) == (1 if pending else 0)
+    assert value(s, "vllm_gpu_row_remap_failed", **gpu0()) == (1 if failed else 0)
+    assert value(s, "vllm_gpu_up", **gpu0()) == 1
     assert value(s, "vllm_exporter_collector_up", collector="gpu") == 1
     assert value(s, "vllm_exporter_gpu_last_success_timestamp_seconds") == pytest.approx(
         time.time(), abs=5)
@@ -189,7 +182,7 @@ def test_each_throttle_reason_is_its_own_series():
     collector.sample_once()
     s = scrape(registry)
     active = {dict(labels)["reason"]: v for (name, labels), v in s.items()
-              if name == "gpu_clock_throttle_active"}
+              if name == "vllm_gpu_clock_throttle_active"}
     assert active["sw_power_cap"] == 1 and active["hw_thermal_slowdown"] == 1
     assert active["gpu_idle"] == 0 and active["hw_slowdown"] == 0
     assert sum(active.values()) == 2 and len(active) == 11
@@ -201,8 +194,9 @@ def test_memory_falls_back_to_v1_where_v2_is_not_supported():
     collector, registry = make(fake)
     collector.sample_once()
     s = scrape(registry)
-    assert value(s, "gpu_memory_used_bytes", **gpu0()) == REC["nvmlDeviceGetMemoryInfo"]["used"]
-    assert value(s, "gpu_memory_reserved_bytes", **gpu0()) is None
+    assert value(s, "vllm_gpu_memory_used_bytes", **gpu0()) == \
+        REC["nvmlDeviceGetMemoryInfo"]["used"]
+    assert value(s, "vllm_gpu_memory_reserved_bytes", **gpu0()) is None
 
 
 # --- scrapes are decoupled from NVML -------------------------------------------------------------
@@ -216,7 +210,7 @@ def test_register_and_scrape_make_no_nvml_call():
     for _ in range(3):
         generate_latest(registry)
     assert fake.calls == before
-    assert value(scrape(registry), "gpu_up", **gpu0()) == 1
+    assert value(scrape(registry), "vllm_gpu_up", **gpu0()) == 1
 
 
 def test_scrape_shows_the_last_tick_until_the_next_one():
@@ -224,10 +218,10 @@ def test_scrape_shows_the_last_tick_until_the_next_one():
     collector, registry = make(fake)
     collector.sample_once()
     fake.set_value(0, "nvmlDeviceGetPowerUsage", 123_000)
-    assert value(scrape(registry), "gpu_power_watts", **gpu0()) == pytest.approx(
+    assert value(scrape(registry), "vllm_gpu_power_watts", **gpu0()) == pytest.approx(
         REC["nvmlDeviceGetPowerUsage"] / 1000)
     collector.sample_once()
-    assert value(scrape(registry), "gpu_power_watts", **gpu0()) == 123.0
+    assert value(scrape(registry), "vllm_gpu_power_watts", **gpu0()) == 123.0
 
 
 # --- failures stay local -------------------------------------------------------------------------
@@ -240,13 +234,13 @@ def test_not_supported_is_remembered_per_gpu_and_call_and_is_not_an_error():
         collector.sample_once()
     s = scrape(registry)
     assert fake.count("nvmlDeviceGetPowerUsage") == 1 + 3  # GPU 0 once, GPU 1 every tick
-    assert value(s, "gpu_power_watts", **gpu0()) is None
-    assert value(s, "gpu_power_watts", gpu="1", uuid=UUID1.replace("1111", "0001"),
+    assert value(s, "vllm_gpu_power_watts", **gpu0()) is None
+    assert value(s, "vllm_gpu_power_watts", gpu="1", uuid=UUID1.replace("1111", "0001"),
                  name=NAME0) is not None
     assert value(s, "vllm_exporter_gpu_call_unsupported", gpu="0",
                  call="nvmlDeviceGetPowerUsage") == 1
     assert value(s, "vllm_exporter_gpu_errors_total", call="nvmlDeviceGetPowerUsage") is None
-    assert value(s, "gpu_temperature_celsius", **gpu0()) is not None
+    assert value(s, "vllm_gpu_temperature_celsius", **gpu0()) is not None
     assert value(s, "vllm_exporter_collector_up", collector="gpu") == 1
 
 
@@ -258,12 +252,12 @@ def test_a_failing_call_is_counted_and_drops_only_its_own_series():
     collector.sample_once()
     s = scrape(registry)
     assert value(s, "vllm_exporter_gpu_errors_total", call="nvmlDeviceGetTemperature") == 2
-    assert value(s, "gpu_temperature_celsius", **gpu0()) is None
-    assert value(s, "gpu_power_watts", **gpu0()) is not None
+    assert value(s, "vllm_gpu_temperature_celsius", **gpu0()) is None
+    assert value(s, "vllm_gpu_power_watts", **gpu0()) is not None
     assert value(s, "vllm_exporter_collector_up", collector="gpu") == 1
     fake.fail(0, "nvmlDeviceGetTemperature:0", None)
     collector.sample_once()
-    assert value(scrape(registry), "gpu_temperature_celsius", **gpu0()) is not None
+    assert value(scrape(registry), "vllm_gpu_temperature_celsius", **gpu0()) is not None
 
 
 def test_an_unexpected_exception_from_the_binding_is_counted_logged_once_and_contained(caplog):
@@ -275,8 +269,8 @@ def test_an_unexpected_exception_from_the_binding_is_counted_logged_once_and_con
             collector.sample_once()
     s = scrape(registry)
     assert value(s, "vllm_exporter_gpu_errors_total", call="nvmlDeviceGetPerformanceState") == 3
-    assert value(s, "gpu_performance_state", **gpu0()) is None
-    assert value(s, "gpu_memory_total_bytes", **gpu0()) is not None
+    assert value(s, "vllm_gpu_performance_state", **gpu0()) is None
+    assert value(s, "vllm_gpu_memory_total_bytes", **gpu0()) is not None
     assert len([r for r in caplog.records
                 if "nvmlDeviceGetPerformanceState" in r.getMessage()]) == 1
 
@@ -293,10 +287,10 @@ def test_a_gpu_lost_mid_run_is_dropped_retried_with_backoff_and_comes_back(caplo
     with caplog.at_level(logging.WARNING, logger="exporter.gpu"):
         collector.sample_once()
     s = scrape(registry)
-    assert value(s, "gpu_up", gpu="1", uuid=uuid1, name=NAME0) == 0
-    assert value(s, "gpu_up", **gpu0()) == 1
-    assert value(s, "gpu_memory_total_bytes", **gpu0()) is not None
-    assert value(s, "gpu_memory_total_bytes", gpu="1", uuid=uuid1, name=NAME0) is None
+    assert value(s, "vllm_gpu_up", gpu="1", uuid=uuid1, name=NAME0) == 0
+    assert value(s, "vllm_gpu_up", **gpu0()) == 1
+    assert value(s, "vllm_gpu_memory_total_bytes", **gpu0()) is not None
+    assert value(s, "vllm_gpu_memory_total_bytes", gpu="1", uuid=uuid1, name=NAME0) is None
     assert value(s, "vllm_exporter_collector_up", collector="gpu") == 0
     assert value(s, "vllm_exporter_gpu_errors_total", call="nvmlDeviceGetMemoryInfo_v2") == 1
     assert any("is lost" in r.getMessage() for r in caplog.records)
@@ -305,12 +299,12 @@ def test_a_gpu_lost_mid_run_is_dropped_retried_with_backoff_and_comes_back(caplo
     clock.now += 1.0  # before the 2 s backoff: no re-init, GPU 0 still sampled
     collector.sample_once()
     assert fake.count("nvmlInit") == 1
-    assert value(scrape(registry), "gpu_memory_total_bytes", **gpu0()) is not None
+    assert value(scrape(registry), "vllm_gpu_memory_total_bytes", **gpu0()) is not None
 
     clock.now += 1.5  # past it: NVML is re-initialised, GPU 1 still lost
     collector.sample_once()
     assert fake.count("nvmlInit") == 2
-    assert value(scrape(registry), "gpu_up", gpu="1", uuid=uuid1, name=NAME0) == 0
+    assert value(scrape(registry), "vllm_gpu_up", gpu="1", uuid=uuid1, name=NAME0) == 0
 
     clock.now += 3.0  # the backoff doubled to 4 s: not yet
     collector.sample_once()
@@ -321,8 +315,8 @@ def test_a_gpu_lost_mid_run_is_dropped_retried_with_backoff_and_comes_back(caplo
     collector.sample_once()
     assert fake.count("nvmlInit") == 3
     s = scrape(registry)
-    assert value(s, "gpu_up", gpu="1", uuid=uuid1, name=NAME0) == 1
-    assert value(s, "gpu_memory_total_bytes", gpu="1", uuid=uuid1, name=NAME0) is not None
+    assert value(s, "vllm_gpu_up", gpu="1", uuid=uuid1, name=NAME0) == 1
+    assert value(s, "vllm_gpu_memory_total_bytes", gpu="1", uuid=uuid1, name=NAME0) is not None
     assert value(s, "vllm_exporter_collector_up", collector="gpu") == 1
     assert fake.count("nvmlShutdown") == 2  # each re-init closed the previous session
 
@@ -337,8 +331,8 @@ def test_nvml_stopping_under_us_closes_the_session_and_retries(caplog):
         collector.sample_once()
     s = scrape(registry)
     assert value(s, "vllm_exporter_collector_up", collector="gpu") == 0
-    assert value(s, "gpu_up", **gpu0()) == 0
-    assert value(s, "gpu_memory_total_bytes", **gpu0()) is None
+    assert value(s, "vllm_gpu_up", **gpu0()) == 0
+    assert value(s, "vllm_gpu_memory_total_bytes", **gpu0()) is None
     assert fake.count("nvmlShutdown") == 1
     fake.fail(0, "nvmlDeviceGetUtilizationRates", None)
     clock.now += 10
@@ -360,7 +354,7 @@ def test_without_the_nvml_library_up_is_0_and_the_log_says_so_once(caplog):
     assert "NVML Shared Library Not Found" in warnings[0].getMessage()
     s = scrape(registry)
     assert value(s, "vllm_exporter_collector_up", collector="gpu") == 0
-    assert not any(name.startswith("gpu_") for name in names(s))
+    assert not any(name.startswith("vllm_gpu_") for name in names(s))
     # retries after 1, 2, 4, 8, 8, 8 ... seconds: about 8 in 40 s, not 40
     assert 6 <= fake.count("nvmlInit") <= 9
     assert value(s, "vllm_exporter_gpu_errors_total", call="nvmlInit") == fake.count("nvmlInit")
@@ -457,10 +451,10 @@ def test_process_memory_is_split_into_the_engine_tree_and_everything_else(tmp_pa
                                slow_interval_seconds=2.0)
     collector.sample_once()
     s = scrape(registry)
-    assert value(s, "gpu_process_memory_used_bytes", **gpu0(owner="engine")) == 11 * GIB
-    assert value(s, "gpu_process_memory_used_bytes", **gpu0(owner="other")) == 6 * GIB
-    assert value(s, "gpu_processes", **gpu0(owner="engine")) == 2
-    assert value(s, "gpu_processes", **gpu0(owner="other")) == 2
+    assert value(s, "vllm_gpu_process_memory_used_bytes", **gpu0(owner="engine")) == 11 * GIB
+    assert value(s, "vllm_gpu_process_memory_used_bytes", **gpu0(owner="other")) == 6 * GIB
+    assert value(s, "vllm_gpu_processes", **gpu0(owner="engine")) == 2
+    assert value(s, "vllm_gpu_processes", **gpu0(owner="other")) == 2
     assert collector.engine_processes.scans == 1
 
     for _ in range(2):  # a tick without the slow group, then one with it: the same pids
@@ -476,8 +470,8 @@ def test_process_memory_is_split_into_the_engine_tree_and_everything_else(tmp_pa
     collector.sample_once()  # a new pid: one scan finds it below the root
     s = scrape(registry)
     assert collector.engine_processes.scans == 2
-    assert value(s, "gpu_process_memory_used_bytes", **gpu0(owner="engine")) == 13 * GIB
-    assert value(s, "gpu_process_memory_used_bytes", **gpu0(owner="other")) == 0
+    assert value(s, "vllm_gpu_process_memory_used_bytes", **gpu0(owner="engine")) == 13 * GIB
+    assert value(s, "vllm_gpu_process_memory_used_bytes", **gpu0(owner="other")) == 0
 
 
 def test_pids_known_on_any_gpu_need_no_new_scan_when_gpus_take_turns(tmp_path):
@@ -505,7 +499,7 @@ def test_pids_known_on_any_gpu_need_no_new_scan_when_gpus_take_turns(tmp_path):
         collector.sample_once()
         clock.now += 0.5
     uuid1 = UUID1.replace("1111", "0001")
-    assert value(scrape(registry), "gpu_process_memory_used_bytes", gpu="1", uuid=uuid1,
+    assert value(scrape(registry), "vllm_gpu_process_memory_used_bytes", gpu="1", uuid=uuid1,
                  name=NAME0, owner="engine") == 3 * GIB
     assert collector.engine_processes.scans == 3
 
@@ -517,8 +511,8 @@ def test_processes_without_a_memory_figure_count_but_add_no_bytes(tmp_path):
     collector, registry = make(fake, proc_root=proc, root_pid=100)
     collector.sample_once()
     s = scrape(registry)
-    assert value(s, "gpu_processes", **gpu0(owner="engine")) == 1
-    assert value(s, "gpu_process_memory_used_bytes", **gpu0(owner="engine")) == 0
+    assert value(s, "vllm_gpu_processes", **gpu0(owner="engine")) == 1
+    assert value(s, "vllm_gpu_process_memory_used_bytes", **gpu0(owner="engine")) == 0
 
 
 # --- CUDA_VISIBLE_DEVICES ------------------------------------------------------------------------
@@ -550,15 +544,15 @@ def test_engine_visible_gpus_by_uuid_and_by_index_from_config_or_environment(mon
                                cuda_visible_devices=uuid1)
     collector.sample_once()
     s = scrape(registry)
-    assert value(s, "gpu_engine_visible", gpu="1", uuid=uuid1, name=NAME0, cuda_index="0") == 1
-    assert value(s, "gpu_engine_visible", **gpu0(cuda_index="")) == 0
+    assert value(s, "vllm_gpu_engine_visible", gpu="1", uuid=uuid1, name=NAME0, cuda_index="0") == 1
+    assert value(s, "vllm_gpu_engine_visible", **gpu0(cuda_index="")) == 0
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
     collector, registry = make(fake_pynvml.FakeNvml(recording(gpus=2)))
     collector.sample_once()
     s = scrape(registry)
-    assert value(s, "gpu_engine_visible", gpu="1", uuid=uuid1, name=NAME0, cuda_index="0") == 1
-    assert value(s, "gpu_engine_visible", **gpu0(cuda_index="1")) == 1
+    assert value(s, "vllm_gpu_engine_visible", gpu="1", uuid=uuid1, name=NAME0, cuda_index="0") == 1
+    assert value(s, "vllm_gpu_engine_visible", **gpu0(cuda_index="1")) == 1
 
 
 def test_memory_budget_is_ratio_times_total_less_reserved_on_the_engine_gpus_only(caplog):
@@ -567,19 +561,19 @@ def test_memory_budget_is_ratio_times_total_less_reserved_on_the_engine_gpus_onl
     uuid1 = UUID1.replace("1111", "0001")
     collector, registry = make(fake_pynvml.FakeNvml(recording(gpus=2)), cuda_visible_devices="0")
     collector.sample_once()
-    assert "gpu_memory_budget_bytes" not in names(scrape(registry))
+    assert "vllm_gpu_memory_budget_bytes" not in names(scrape(registry))
     collector.set_memory_budget_ratio(0.9)
     s = scrape(registry)
     memory = REC["nvmlDeviceGetMemoryInfo_v2"]
     total = memory["total"] - memory["reserved"]
     assert memory["reserved"] > 0
-    assert value(s, "gpu_memory_budget_bytes", **gpu0()) == pytest.approx(0.9 * total)
-    assert value(s, "gpu_memory_budget_bytes", gpu="1", uuid=uuid1, name=NAME0) is None
+    assert value(s, "vllm_gpu_memory_budget_bytes", **gpu0()) == pytest.approx(0.9 * total)
+    assert value(s, "vllm_gpu_memory_budget_bytes", gpu="1", uuid=uuid1, name=NAME0) is None
     with caplog.at_level(logging.WARNING, logger="exporter.gpu"):
         collector.set_memory_budget_ratio(1.5)
         collector.set_memory_budget_ratio("nonsense")
     assert len(caplog.records) == 2
-    assert value(scrape(registry), "gpu_memory_budget_bytes", **gpu0()) == pytest.approx(
+    assert value(scrape(registry), "vllm_gpu_memory_budget_bytes", **gpu0()) == pytest.approx(
         0.9 * total)
 
 
@@ -598,7 +592,7 @@ def test_slow_calls_run_one_gpu_per_tick_at_the_slow_cadence_and_keep_their_valu
         clock.now += 1
         collector.sample_once()
     assert fake.count("nvmlDeviceGetTotalEnergyConsumption") == 2
-    assert value(scrape(registry), "gpu_energy_joules_total", **gpu0()) is not None
+    assert value(scrape(registry), "vllm_gpu_energy_joules_total", **gpu0()) is not None
     clock.now += 5
     collector.sample_once()
     assert fake.count("nvmlDeviceGetTotalEnergyConsumption") == 3
@@ -611,9 +605,9 @@ def test_pcie_throughput_when_switched_on():
     collector.sample_once()
     s = scrape(registry)
     assert fake.count("nvmlDeviceGetTotalEnergyConsumption") == 0
-    assert value(s, "gpu_pcie_throughput_bytes_per_second", **gpu0(direction="tx")) == \
+    assert value(s, "vllm_gpu_pcie_throughput_bytes_per_second", **gpu0(direction="tx")) == \
         REC["nvmlDeviceGetPcieThroughput:0"] * 1024
-    assert value(s, "gpu_pcie_throughput_bytes_per_second", **gpu0(direction="rx")) == \
+    assert value(s, "vllm_gpu_pcie_throughput_bytes_per_second", **gpu0(direction="rx")) == \
         REC["nvmlDeviceGetPcieThroughput:1"] * 1024
 
 
@@ -624,12 +618,12 @@ def test_mig_instances_get_their_own_memory_series_and_map_to_their_gpu():
     collector.sample_once()
     s = scrape(registry)
     mig = dict(gpu="1", uuid=uuid1, name=NAME0, mig_name="NVIDIA H200 MIG 1g.18gb")
-    assert value(s, "gpu_mig_memory_used_bytes", mig="0", mig_uuid="MIG-aaaa", **mig) == GIB
-    assert value(s, "gpu_mig_memory_total_bytes", mig="2", mig_uuid="MIG-bbbb", **mig) == \
+    assert value(s, "vllm_gpu_mig_memory_used_bytes", mig="0", mig_uuid="MIG-aaaa", **mig) == GIB
+    assert value(s, "vllm_gpu_mig_memory_total_bytes", mig="2", mig_uuid="MIG-bbbb", **mig) == \
         18 * GIB
-    assert len([k for k in s if k[0] == "gpu_mig_memory_free_bytes"]) == 2
-    assert value(s, "gpu_engine_visible", gpu="1", uuid=uuid1, name=NAME0, cuda_index="0") == 1
-    assert not any(k[0].startswith("gpu_mig_") and dict(k[1])["gpu"] == "0" for k in s)
+    assert len([k for k in s if k[0] == "vllm_gpu_mig_memory_free_bytes"]) == 2
+    assert value(s, "vllm_gpu_engine_visible", gpu="1", uuid=uuid1, name=NAME0, cuda_index="0") == 1
+    assert not any(k[0].startswith("vllm_gpu_mig_") and dict(k[1])["gpu"] == "0" for k in s)
 
 
 def test_xid_events_are_counted_by_code_on_their_own_thread(caplog):
@@ -641,9 +635,9 @@ def test_xid_events_are_counted_by_code_on_their_own_thread(caplog):
         fake.emit_xid(1, 48)
         fake.emit_xid(1, 48)
         fake.emit_xid(0, 5000)
-        assert wait_for(lambda: value(scrape(registry), "gpu_xid_errors_total", gpu="1",
+        assert wait_for(lambda: value(scrape(registry), "vllm_gpu_xid_errors_total", gpu="1",
                                       uuid=uuid1, name=NAME0, xid="48") == 2)
-        assert wait_for(lambda: value(scrape(registry), "gpu_xid_errors_total",
+        assert wait_for(lambda: value(scrape(registry), "vllm_gpu_xid_errors_total",
                                       **gpu0(xid="other")) == 1)
     assert len([r for r in caplog.records if "XID 48" in r.getMessage()]) == 1
     started = time.monotonic()
@@ -715,6 +709,16 @@ def test_the_gpu_section_of_the_yaml_config_is_type_checked(tmp_path):
         load_config(path)
 
 
+def test_the_config_loads_without_the_collector_or_nvml():
+    """exporter/config.py reads GpuConfig from exporter.gpu.config, which stands alone."""
+    code = ("import sys, exporter.config; "
+            "print(sorted(m for m in sys.modules if m.startswith(('exporter.gpu', 'pynvml'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['exporter.gpu', 'exporter.gpu.config']"
+
+
 def test_the_benchmark_runs_against_the_fake(tmp_path):
     import json
     import subprocess
@@ -758,7 +762,7 @@ def test_the_metrics_port_text_is_the_collectors_families_and_follows_every_chan
     with collector.rendered_apart():  # the port renders it itself: collect() yields nothing
         assert list(collector.collect()) == []
     collector.set_memory_budget_ratio(0.5)
-    assert ("gpu_memory_budget_bytes", tuple(sorted(gpu0().items()))) in \
+    assert ("vllm_gpu_memory_budget_bytes", tuple(sorted(gpu0().items()))) in \
         parsed(collector.render(False))
     collector._count_error("nvmlDeviceGetPowerUsage", RuntimeError("boom"))
     assert parsed(collector.render(False))[
@@ -767,3 +771,57 @@ def test_the_metrics_port_text_is_the_collectors_families_and_follows_every_chan
     collector.sample_once()
     assert collector.render(False) is not before_tick  # a new tick is formatted anew
     assert parsed(collector.render(False)) == scrape(registry)
+
+
+# --- golden exposition ---------------------------------------------------------------------------
+
+GOLDEN_H200 = Path(__file__).parent / "golden" / "gpu_h200.prom"
+
+
+class SteppingTimer:
+    """A perf_counter stand-in that advances 2.5 ms per call, so a tick takes exactly 2.5 ms."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.0025
+        return self.now
+
+
+def golden_h200_exposition(proc_root: Path) -> str:
+    """The collector's /metrics text after one tick on the recorded H200, every input fixed:
+    the recorded compute process (pid 423) is below the root pid, so it is the engine's; GPU 0
+    is the engine's (CUDA_VISIBLE_DEVICES "0", budget 0.9); PCIe is on so that every family the
+    H200 answers for is present; the tick's duration (2.5 ms) and the last-success time are
+    fixed clocks. Not exercised here: MIG, XID events, errors (covered above)."""
+    proc = fake_proc(proc_root, {1: 0, 100: 1, 423: 100})
+    collector = GpuCollector(
+        GpuConfig(cuda_visible_devices="0", pcie_throughput=True, xid_events=False),
+        root_pid=100, nvml=fake_pynvml.FakeNvml(recording()), proc_root=str(proc),
+        clock=FakeClock(), timer=SteppingTimer(), wall_clock=lambda: 1_767_225_600.0)
+    collector.sample_once()
+    collector.set_memory_budget_ratio(0.9)
+    return collector.render(False)
+
+
+def test_the_exposition_on_the_recorded_h200_matches_the_golden_file(tmp_path):
+    """Byte for byte: names, help, types, labels, order and value formatting of every family.
+
+    After an intended change, regenerate the file and review its diff:
+        UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_gpu.py -k golden
+    """
+    text = golden_h200_exposition(tmp_path)
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN_H200.parent.mkdir(exist_ok=True)
+        GOLDEN_H200.write_text(text)
+    assert text == GOLDEN_H200.read_text(), \
+        "the GPU exposition changed; see this test's docstring to regenerate the golden file"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_check_metrics_finds_no_problem_in_the_golden_exposition():
+    result = subprocess.run(["promtool", "check", "metrics"], input=GOLDEN_H200.read_text(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), \
+        result.stdout + result.stderr

@@ -8,41 +8,37 @@ import importlib.metadata
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, daemon_env, stop_process_group
 from exporter.default_model import ensure_default_model
-from helpers import free_port, http_get, scrape, wait_for_vllm
+from testsupport.daemon import STARTUP_TIMEOUT, daemon_env
+from testsupport.exposition import Samples, scrape
+from testsupport.net import free_port, http_get
+from testsupport.processes import start_group, stop_group, wait_url
+from testsupport.waiting import wait_for
 
 
 def family_shapes(exposition: str) -> dict[str, tuple[str, str, frozenset]]:
     """{family: (type, help, label names)} of an exposition, values and label values aside."""
-    shapes = {}
-    for family in text_string_to_metric_families(exposition):
-        names = frozenset(k for sample in family.samples for k in sample.labels) - {"le"}
-        shapes[family.name] = (family.type, family.documentation, names)
-    return shapes
+    return Samples(exposition).family_shapes()
 
 
 def start_vllm_server(tmp_path, name: str, env: dict) -> tuple[subprocess.Popen, str]:
     """vLLM's own OpenAI server on the default model; returns (process, API URL) once healthy."""
     api_port = free_port()
     log = tmp_path / f"{name}.log"
-    process = subprocess.Popen(
+    process = start_group(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
          "--model", str(ensure_default_model()), "--served-model-name", name,
          "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(api_port)],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-        start_new_session=True)
+        log, env)
     url = f"http://127.0.0.1:{api_port}"
     try:
-        wait_for_vllm(process, url, log, name)
+        wait_url(f"{url}/health", process, STARTUP_TIMEOUT, log, what=name, interval=1)
     except BaseException:
-        stop_process_group(process)
+        stop_group(process)
         raise
     return process, url
 
@@ -57,7 +53,7 @@ def vllm_alone_shapes(tmp_path_factory):
         complete(url, "alone", "warm up")
         return family_shapes(http_get(f"{url}/metrics", timeout=30)[1].decode())
     finally:
-        stop_process_group(process)
+        stop_group(process)
 
 
 def complete(api_url: str, model: str, prompt: str) -> dict:
@@ -102,9 +98,15 @@ def test_vllm_own_server_gains_our_metrics_port(tmp_path, vllm_alone_shapes):
             answer = complete(api_url, "plugged", f"plugin {i}")
             for key in usage:
                 usage[key] += answer["usage"][key]
-        time.sleep(0.5)
-        after = scrape(metrics_url)
         labels = {"model": "plugged", "engine": "0"}
+
+        def counting_all_three() -> Samples | None:
+            """A scrape with the 3 requests finished (the last step's stats reach the logger
+            right after the last response)."""
+            s = scrape(metrics_url)
+            return s if s.get("vllm_requests_finished_total", **labels) >= 3 else None
+
+        after = wait_for(counting_all_three, 10, what="the 3 requests in our metrics")
         assert after.get("vllm_requests_finished_total", finish_reason="length", **labels) == 3
         assert after.get("vllm_prompt_tokens_total", **labels) == usage["prompt_tokens"]
         assert after.get("vllm_generation_tokens_total", **labels) == usage["completion_tokens"]
@@ -117,7 +119,7 @@ def test_vllm_own_server_gains_our_metrics_port(tmp_path, vllm_alone_shapes):
         assert status == 200
         assert_same_families(family_shapes(own.decode()), vllm_alone_shapes)
     finally:
-        stop_process_group(process)
+        stop_group(process)
 
 
 @pytest.mark.engine

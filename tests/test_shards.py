@@ -18,12 +18,13 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from conftest import ROOT
 from exporter.aggregate import ShardCollector, ShardSet
 from exporter.alerts.service import AlertingService, load_rules
 from exporter.config import load_config
 from exporter.runtime import Runtime
-from helpers import Samples, wait_for
+from testsupport import ROOT
+from testsupport.exposition import Samples
+from testsupport.waiting import wait_for
 
 WRITER = textwrap.dedent("""
     import sys, time
@@ -46,7 +47,7 @@ WRITER = textwrap.dedent("""
                        prefix_cache_stats=None), it)
     fe.metrics.frontend_requests_unfinished.labels("m").set(running)
     print("written", flush=True)
-    time.sleep(hold)
+    time.sleep(hold)  # a live writer process until the test kills it
 """)
 
 
@@ -135,7 +136,7 @@ def test_fast_render_equals_the_encoders_and_passes_promtool(shard_dir, tmp_path
     service = AlertingService(config, load_rules(config))
     try:
         rt.bind_metrics_port()
-        service.start(rt, thread=False)
+        service.start(rt.registry, rt.alert_hooks(), thread=False)
         service.tick(time.time())
         rt.frontend.metrics.requests_aborted.labels('quote " and \\ back\nslash').inc(2)
         rt.metrics.scrape_duration_seconds.observe(0.002)

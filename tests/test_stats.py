@@ -20,7 +20,7 @@ from exporter.config import load_config
 from exporter.default_model import ensure_default_model
 from exporter.runtime import Runtime
 from exporter.vllm_compat import finish_reason_name
-from helpers import Samples
+from testsupport.exposition import Samples
 
 MODEL = "m"
 

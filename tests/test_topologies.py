@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import urllib.request
@@ -24,19 +23,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, daemon_config, daemon_env, start_daemon, stop_process_group
 from exporter.aggregate import ShardSet
 from exporter.alerts.defaults import default_rule_file
 from exporter.default_model import ensure_default_model
-from helpers import (
-    Samples,
-    engine_core_pids,
-    free_port,
-    http_get,
-    scrape,
-    wait_for,
-    wait_for_vllm,
-)
+from testsupport import ROOT
+from testsupport.daemon import STARTUP_TIMEOUT, daemon_config, daemon_env, start_daemon
+from testsupport.exposition import Samples, scrape
+from testsupport.net import free_port, http_get
+from testsupport.processes import engine_core_pids, start_group, stop_group, wait_url
+from testsupport.waiting import wait_for
 
 VLLM_CLI = ROOT / "tests" / "vllm_cli.py"
 
@@ -81,16 +76,15 @@ def test_vllm_serve_with_two_api_servers_has_one_exact_metrics_endpoint(tmp_path
     squatter.bind(("127.0.0.1", metrics_port))
     squatter.listen()
     log = tmp_path / "vllm-serve.log"
-    process = subprocess.Popen(
+    process = start_group(
         [sys.executable, str(VLLM_CLI), "serve", str(ensure_default_model()),
          "--served-model-name", "multi", "--max-model-len", "512", "--host", "127.0.0.1",
-         "--port", str(api_port), "--api-server-count", "2"],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-        start_new_session=True)
+         "--port", str(api_port), "--api-server-count", "2"], log, env)
     api_url = f"http://127.0.0.1:{api_port}"
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
-        wait_for_vllm(process, api_url, log, "vllm serve with two API servers")
+        wait_url(f"{api_url}/health", process, STARTUP_TIMEOUT, log,
+                 what="vllm serve with two API servers", interval=1)
         busy = [line for line in log.read_text(errors="replace").splitlines()
                 if f"cannot listen on 127.0.0.1:{metrics_port}" in line]
         assert len(busy) == 1, busy  # one line for the server, not one per process
@@ -136,7 +130,7 @@ def test_vllm_serve_with_two_api_servers_has_one_exact_metrics_endpoint(tmp_path
         wait_for(lambda: not shard_dir.exists(), 30, what="the metrics process to end")
     finally:
         squatter.close()
-        stop_process_group(process)
+        stop_group(process)
 
 
 def stall_rule_file(tmp_path: Path) -> Path:
@@ -222,5 +216,5 @@ def test_daemon_with_two_data_parallel_ranks(tmp_path):
         assert all(isinstance(r, dict) and r["completion_tokens"] == 300 for r in results), results
         wait_for(lambda: not stalled_engines(daemon), 30, what="the stall to resolve")
     finally:
-        code = stop_process_group(daemon.process)
+        code = daemon.stop()
     assert code == 0, daemon.log_tail()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from exporter.cli import main
-from exporter.tuning.daemon_view import Snapshot, bucket_delta, histogram_quantile, period_view
+from exporter.tuning.daemon_view import Snapshot, bucket_delta, period_quantile, period_view
 from exporter.tuning.errors import UsageError
 from exporter.tuning.loadgen import LoadSpec, percentiles
 from exporter.tuning.objective import parse_objectives
@@ -37,12 +37,12 @@ def test_bad_length_distributions(text):
 
 def test_histogram_quantile_interpolates_like_prometheus():
     buckets = [(0.1, 10.0), (0.2, 30.0), (0.5, 40.0), (float("inf"), 40.0)]
-    assert histogram_quantile(0.25, buckets) == pytest.approx(0.1)
-    assert histogram_quantile(0.5, buckets) == pytest.approx(0.15)
-    assert histogram_quantile(0.95, buckets) == pytest.approx(0.2 + 0.3 * 0.8)
-    assert histogram_quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
+    assert period_quantile(0.25, buckets) == pytest.approx(0.1)
+    assert period_quantile(0.5, buckets) == pytest.approx(0.15)
+    assert period_quantile(0.95, buckets) == pytest.approx(0.2 + 0.3 * 0.8)
+    assert period_quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
     # Everything above the last finite bound: the last finite bound, as Prometheus answers.
-    assert histogram_quantile(0.99, [(1.0, 0.0), (float("inf"), 5.0)]) == 1.0
+    assert period_quantile(0.99, [(1.0, 0.0), (float("inf"), 5.0)]) == 1.0
 
 
 def test_period_view_subtracts_the_scrape_before():
@@ -199,7 +199,7 @@ def test_profile_guard_needs_the_token_on_the_profiling_routes_only(monkeypatch)
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from exporter.tuning.profile_guard import ProfileGuard
+    from exporter.api_middleware import ProfileGuard
 
     async def ok(request):
         return PlainTextResponse("ok")

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,9 +25,11 @@ from exporter import cli, metrics_process, web_config
 from exporter.config import ConfigError, load_config
 from exporter.runtime import Runtime
 from exporter.web_config import load_web_config
-from fixtures_prometheus import PROMETHEUS, Prometheus
-from helpers import Samples, free_port, http_get, wait_for
-from pki import Pki, bcrypt_hash, make_pki, tls_client, write_web_config
+from testsupport.exposition import Samples
+from testsupport.net import free_port, http_get
+from testsupport.pki import Pki, bcrypt_hash, make_pki, tls_client, write_web_config
+from testsupport.prometheus import PROMETHEUS, make_prometheus, scrape_job
+from testsupport.waiting import wait_for
 
 USER, PASSWORD = "prometheus", "s3cret-scrape"
 
@@ -269,24 +270,14 @@ def test_prometheus_scrapes_with_basic_auth_and_tls(tmp_path, pki):
     password_file.write_text(PASSWORD)
 
     def job(name: str, password_file: Path) -> dict:
-        return {"job_name": name, "scheme": "https",
-                "tls_config": {"ca_file": str(pki.ca)},
-                "basic_auth": {"username": USER, "password_file": str(password_file)},
-                "static_configs": [{"targets": [target]}]}
+        return scrape_job(name, [target], scheme="https", tls_config={"ca_file": str(pki.ca)},
+                          basic_auth={"username": USER, "password_file": str(password_file)})
 
     wrong_file = tmp_path / "wrong"
     wrong_file.write_text("not-the-password")
-    config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-              "scrape_configs": [job("good", password_file), job("wrong", wrong_file)]}
-    config_path = tmp_path / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    log_path = tmp_path / "prometheus.log"
-    process = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config_path}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
-    prom = Prometheus(process, port, log_path)
+    prom = make_prometheus(tmp_path / "prometheus",
+                           [job("good", password_file), job("wrong", wrong_file)]).start()
+    log_path = prom.log_path
     try:
         def up(job_name: str) -> float | None:
             try:

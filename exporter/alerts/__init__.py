@@ -4,56 +4,20 @@
 raises ConfigError naming the file, the rule and the field) and returns the `AlertingService`
 to start once the runtime is up, or None when alerts are disabled. Modules:
 rules.py (schema, validation), defaults.py (the default pack), expr.py (expressions: PromQL
-text and in-daemon evaluation), promfuncs.py (Prometheus's rate/quantile maths),
+text and in-daemon evaluation), promfuncs.py (Prometheus's rate maths; histogram_quantile
+is ../quantile.py),
 history.py (in-memory samples), evaluator.py (alert states), alertmanager.py (the client),
-service.py (the thread tying them together), promql.py (rule file export), cli.py.
+service.py (the thread tying them together), hooks.py (what the service needs from the process
+it runs in), families.py (the alerting families), promql.py (rule file export), cli.py.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..metrics import FamilySpec
+from .families import ALERT_FAMILIES
 
-ALERT_FAMILIES: tuple[FamilySpec, ...] = (
-    FamilySpec("vllm_exporter_alert_rule_state", "gauge",
-               "State of each alert rule evaluated in the daemon: 0 inactive, 1 pending, "
-               "2 firing (the highest state among the rule's alerts).",
-               labels=("alertname", "severity"), source="the in-daemon rule evaluator", where="server"),
-    FamilySpec("vllm_exporter_alerts", "gauge",
-               "Alerts of each rule by state (pending | firing), as evaluated in the daemon.",
-               labels=("alertname", "state"), source="the in-daemon rule evaluator", where="server"),
-    FamilySpec("vllm_exporter_alert_evaluations_total", "counter",
-               "Evaluation ticks of the alert rules.",
-               labels=(), source="the in-daemon rule evaluator", where="server"),
-    FamilySpec("vllm_exporter_alert_evaluation_seconds_total", "counter",
-               "Wall time spent sampling the registry and evaluating every rule.",
-               labels=(), source="the in-daemon rule evaluator", where="server"),
-    FamilySpec("vllm_exporter_alert_evaluation_failures_total", "counter",
-               "Rule evaluations that raised an error, by rule (the other rules go on).",
-               labels=("alertname",), source="the in-daemon rule evaluator", where="server"),
-    FamilySpec("vllm_exporter_alert_history_series", "gauge",
-               "Series the alert evaluator keeps in its in-memory history.",
-               labels=(), source="the in-daemon rule evaluator", where="server"),
-    FamilySpec("vllm_exporter_alert_history_samples", "gauge",
-               "Samples the alert evaluator keeps in memory, fine and coarse tiers together "
-               "(about 40 bytes each); they grow until alerts.fine_history_seconds is full, "
-               "then stay flat.",
-               labels=(), source="the in-daemon rule evaluator", where="server"),
-    FamilySpec("vllm_exporter_alert_notifications_sent_total", "counter",
-               "Alerts delivered to Alertmanager (firing, re-sent and resolved), by URL.",
-               labels=("alertmanager",), source="the Alertmanager client", where="server"),
-    FamilySpec("vllm_exporter_alert_notifications_failed_total", "counter",
-               "Alerts in batches whose delivery failed (each retry counts again), by URL.",
-               labels=("alertmanager",), source="the Alertmanager client", where="server"),
-    FamilySpec("vllm_exporter_alert_notifications_dropped_total", "counter",
-               "Alerts dropped without delivery: queue full (oldest first) or rejected by "
-               "Alertmanager as invalid, by URL.",
-               labels=("alertmanager",), source="the Alertmanager client", where="server"),
-    FamilySpec("vllm_exporter_alert_queue_length", "gauge",
-               "Alerts waiting to be delivered to each Alertmanager.",
-               labels=("alertmanager",), source="the Alertmanager client", where="server"),
-)
+__all__ = ["ALERT_FAMILIES", "prepare_alerts"]
 
 
 def prepare_alerts(config: Any) -> Any:

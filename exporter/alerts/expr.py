@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Protocol, Union
 
-from .promfuncs import bucket_quantile, extrapolate
+from ..quantile import histogram_quantile
+from .promfuncs import extrapolate
 
 Labels = tuple[tuple[str, str], ...]
 Vector = dict[Labels, float]
@@ -220,7 +221,7 @@ class HistogramQuantile(Node):
             except (TypeError, ValueError):
                 continue
             groups.setdefault(_drop(key, ("le",)), []).append((bound, value))
-        return {key: bucket_quantile(self.q, buckets) for key, buckets in groups.items()}
+        return {key: histogram_quantile(self.q, buckets) for key, buckets in groups.items()}
 
 
 @dataclass

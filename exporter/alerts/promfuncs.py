@@ -2,8 +2,7 @@
 
 - `extrapolated_rate`: rate()/increase() over a range, with counter-reset correction and the
   extrapolation towards the window edges that Prometheus applies (promql/functions.go).
-- `bucket_quantile`: histogram_quantile() over classic buckets, linear interpolation inside the
-  bucket holding the rank (promql/quantile.go).
+- histogram_quantile() is exporter/quantile.py (the tuning commands use it too).
 - Go-style formatting used by the template functions humanize, humanizeDuration,
   humanizePercentage.
 """
@@ -60,45 +59,6 @@ def extrapolate(first_ms: int, last_ms: int, count: int, first_value: float, las
     if is_rate:
         factor /= (range_end_ms - range_start_ms) / 1000.0
     return result * factor
-
-
-def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
-    """histogram_quantile(q) for one series' buckets [(upper bound, cumulative count)]."""
-    if math.isnan(q):
-        return math.nan
-    if q < 0:
-        return -math.inf
-    if q > 1:
-        return math.inf
-    merged: dict[float, float] = {}
-    for bound, count in buckets:
-        merged[bound] = merged.get(bound, 0.0) + count
-    ordered = sorted(merged.items())
-    if not ordered or ordered[-1][0] != math.inf:
-        return math.nan
-    # Counts must not decrease with the bound (they can, by float error or mid-scrape races).
-    monotonic: list[tuple[float, float]] = []
-    running_max = -math.inf
-    for bound, count in ordered:
-        running_max = max(running_max, count)
-        monotonic.append((bound, running_max))
-    if len(monotonic) < 2:
-        return math.nan
-    observations = monotonic[-1][1]
-    if observations == 0 or math.isnan(observations):
-        return math.nan
-    rank = q * observations
-    b = next(i for i, (_, count) in enumerate(monotonic) if count >= rank)
-    if b == len(monotonic) - 1:
-        return monotonic[-2][0]
-    if b == 0 and monotonic[0][0] <= 0:
-        return monotonic[0][0]
-    bucket_start, bucket_end, count = 0.0, monotonic[b][0], monotonic[b][1]
-    if b > 0:
-        bucket_start = monotonic[b - 1][0]
-        count -= monotonic[b - 1][1]
-        rank -= monotonic[b - 1][1]
-    return bucket_start + (bucket_end - bucket_start) * (rank / count)
 
 
 # --- Go formatting for templates -----------------------------------------------------------

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from .. import config as exporter_config  # module import: exporter.config imports this package
-from ..metrics import FAMILIES, FamilySpec
+from ..catalog import families_by_name
+from ..config_files import ConfigError, read_yaml_file
 from ..slo import SloConfig
 from .expr import (Aggregate, And, Binary, HistogramQuantile, Node, Or, RangeFunction, Scalar,
                    Selector, Time, format_duration)
@@ -91,21 +91,14 @@ def parse_duration(text: Any) -> float | None:
     return sum(int(n) * _UNIT_SECONDS[u] for n, u in re.findall(r"(\d+)(ms|s|m|h|d|w|y)", text))
 
 
-def known_families() -> dict[str, FamilySpec]:
-    from ..gpu import GPU_FAMILIES
-    from . import ALERT_FAMILIES
-
-    return {f.name: f for f in (*FAMILIES, *GPU_FAMILIES, *ALERT_FAMILIES)}
-
-
 # --- loading ----------------------------------------------------------------------------------
 
 def _error(source: str, field_path: str, problem: str) -> Exception:
-    return exporter_config.ConfigError(source, field_path, problem)
+    return ConfigError(source, field_path, problem)
 
 
 def load_rule_file(path: str | Path, slo: SloConfig) -> list[Rule]:
-    raw = exporter_config.read_yaml_file(path, "rule file")
+    raw = read_yaml_file(path, "rule file")
     return parse_rules(raw, slo, str(path))
 
 
@@ -137,7 +130,7 @@ class _RuleReader:
         if not isinstance(alert, str) or not NAME_RE.match(alert):
             self.fail("alert", f"required: a name matching {NAME_RE.pattern}, got {alert!r}")
         self.where = f"rules.{alert}"
-        self.families = known_families()
+        self.families = families_by_name()
 
     def fail(self, field_name: str, problem: str):
         path = self.where if field_name == "-" else f"{self.where}.{field_name}"

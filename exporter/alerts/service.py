@@ -14,15 +14,16 @@ import threading
 import time
 from typing import Any
 
-from prometheus_client import Counter, Gauge
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
 
 from ..exposition import PublishedFamilies
-from . import ALERT_FAMILIES
+from ..families import create_client, metric_family
 from .alertmanager import AlertmanagerClient, SendCounters
 from .defaults import default_rule_file
 from .evaluator import FIRING, PENDING, STATE_VALUE, Evaluator
+from .families import ALERT_FAMILIES
 from .history import History
+from .hooks import AlertHooks
 from .rules import Rule, load_rule_file, parse_rules
 
 log = logging.getLogger("exporter.alerts")
@@ -67,23 +68,26 @@ class AlertingService:
         self._last_tick_at = 0.0  # the `now` of the last completed tick
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards evaluator state against the JSON route
-        self.rt: Any = None
+        self.registry: CollectorRegistry | None = None
+        self.hooks = AlertHooks()
 
     # --- lifecycle -------------------------------------------------------------------------
-    def start(self, rt: Any, thread: bool = True) -> None:
-        """Start evaluating; thread=False leaves the ticks to the caller (bench/ drives tick()
-        with a simulated clock)."""
-        self.rt = rt
-        self._create_families(rt.registry)
+    def start(self, registry: CollectorRegistry, hooks: AlertHooks = AlertHooks(),
+              thread: bool = True) -> None:
+        """Start evaluating the samples of `registry` (where the service's own families go
+        too); thread=False leaves the ticks to the caller (bench/ drives tick() with a
+        simulated clock)."""
+        self.registry, self.hooks = registry, hooks
+        self._create_families(registry)
         am = self.config.alerts.alertmanager
         self.evaluator = Evaluator(self.rules, self.history, self.interval,
                                    resend_interval=am.resend_interval_seconds,
                                    on_error=self._rule_failed)
         self._publish_states()  # every rule at 0 before the first tick
         if self.generator_url is None:
-            host = self.config.metrics.host
-            port = rt.server.port if rt.server is not None else self.config.metrics.port
-            self.generator_url = f"http://{host}:{port}"
+            port = hooks.metrics_port if hooks.metrics_port is not None \
+                else self.config.metrics.port
+            self.generator_url = f"http://{self.config.metrics.host}:{port}"
         self.generator_url = self.generator_url.rstrip("/") + "/alerts"
         if am.urls:
             self.client = AlertmanagerClient(am, SendCounters(
@@ -94,10 +98,8 @@ class AlertingService:
                 for family in (self.sent, self.failed, self.dropped, self.queue_length):
                     family.labels(url)
             self.client.start()
-        rt.on_engine_death.append(self.request_tick)
-        if rt.server is not None:
-            rt.server.add_route("/alerts", self.alerts_json,
-                                "alert rules and their current states (JSON)")
+        hooks.on_engine_death(self.request_tick)
+        hooks.add_route("/alerts", self.alerts_json, "alert rules and their current states (JSON)")
         if thread:
             self._thread = threading.Thread(target=self._run, name="alert-evaluator",
                                             daemon=True)
@@ -113,20 +115,14 @@ class AlertingService:
         if self.client is not None:
             self.client.stop(flush_seconds=1.0)
 
-    def _create_families(self, registry) -> None:
-        made = {}
-        for spec in ALERT_FAMILIES:
-            if spec.name in PUBLISHED:
-                continue
-            cls = Counter if spec.kind == "counter" else Gauge
-            made[spec.name] = cls(spec.client_name, spec.help, labelnames=spec.labels,
-                                  registry=registry)
+    def _create_families(self, registry: CollectorRegistry) -> None:
+        made = {spec.name: create_client(spec, registry)
+                for spec in ALERT_FAMILIES if spec.name not in PUBLISHED}
         # The rule and alert states change once per tick: rendered once per tick, not per
         # scrape (their 70-odd series were a third of the metrics port's render).
         self.states = PublishedFamilies()
         registry.register(self.states)
-        if self.rt is not None and self.rt.server is not None:
-            self.rt.server.add_renderer(self.states)
+        self.hooks.add_renderer(self.states)
         self.evaluations = made["vllm_exporter_alert_evaluations_total"]
         self.evaluation_seconds = made["vllm_exporter_alert_evaluation_seconds_total"]
         self.rule_failures = made["vllm_exporter_alert_evaluation_failures_total"]
@@ -145,7 +141,7 @@ class AlertingService:
                 self.tick(time.time())
             except Exception:
                 log.exception("alert evaluation tick failed")
-                self.rt.metrics.errors.labels("alerts").inc()
+                self.hooks.count_error()
             next_tick += self.interval
             delay = next_tick - time.monotonic()
             if delay < 0:  # fell behind (a slow tick): skip, do not burst
@@ -176,7 +172,7 @@ class AlertingService:
 
     def tick(self, now: float) -> None:
         started = time.perf_counter()
-        self.history.add_registry(now, self.rt.registry)
+        self.history.add_registry(now, self.registry)
         with self._lock:
             self.evaluator.evaluate(now)
             due = self.evaluator.due_notifications(now, self.generator_url)
@@ -192,8 +188,7 @@ class AlertingService:
         self._last_tick_at = now
 
     def _publish_states(self) -> None:
-        rule_state, alerts = (GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
-                              for spec in (RULE_STATE_SPEC, ALERTS_SPEC))
+        rule_state, alerts = (metric_family(spec) for spec in (RULE_STATE_SPEC, ALERTS_SPEC))
         for state in self.evaluator.rules:
             rule = state.rule
             rule_state.add_metric([rule.alert, rule.severity], STATE_VALUE[state.state()])
@@ -204,7 +199,7 @@ class AlertingService:
 
     def _rule_failed(self, rule: Rule, exc: Exception) -> None:
         self.rule_failures.labels(rule.alert).inc()
-        self.rt.metrics.errors.labels("alerts").inc()
+        self.hooks.count_error()
 
     # --- JSON ------------------------------------------------------------------------------
     def alerts_json(self) -> tuple[int, str, bytes]:

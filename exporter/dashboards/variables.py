@@ -23,7 +23,7 @@ def model_variable() -> dict[str, Any]:
 
 def gpu_variable() -> dict[str, Any]:
     return query_variable(
-        "gpu", "GPU", 'label_values(gpu_up{job=~"$job", instance=~"$instance"}, gpu)')
+        "gpu", "GPU", 'label_values(vllm_gpu_up{job=~"$job", instance=~"$instance"}, gpu)')
 
 
 def slo_variables() -> list[dict[str, Any]]:

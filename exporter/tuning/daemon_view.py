@@ -1,9 +1,10 @@
 """The daemon's view of a period: its /metrics scraped before and after, and the difference.
 
 Counters give exact counts for the period (requests finished, prompt and generation tokens,
-preemptions). Histograms give quantiles the way Prometheus' histogram_quantile() does: the
-bucket counts of the period (after - before) and linear interpolation inside the bucket the
-quantile falls in, so the answer is only as fine as the buckets.
+preemptions). Histograms give quantiles the way Prometheus' histogram_quantile() does
+(exporter/quantile.py): the bucket counts of the period (after - before) and linear
+interpolation inside the bucket the quantile falls in, so the answer is only as fine as the
+buckets.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections import defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..quantile import histogram_quantile
 from .errors import UsageError
 
 LATENCY_HISTOGRAMS = {
@@ -72,23 +74,11 @@ def scrape(metrics_url: str, timeout: float = 10.0) -> Snapshot:
                          ) from None
 
 
-def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
-    """Prometheus' histogram_quantile on cumulative (bound, count) pairs; None when empty."""
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    total = buckets[-1][1]
-    rank = q * total
-    lower_bound, lower_count = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= rank:
-            if math.isinf(bound):
-                return lower_bound  # as Prometheus: the highest finite bound
-            if count == lower_count:
-                return bound
-            fraction = (rank - lower_count) / (count - lower_count)
-            return lower_bound + (bound - lower_bound) * fraction
-        lower_bound, lower_count = bound, count
-    return lower_bound
+def period_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """histogram_quantile over a period's buckets; None where Prometheus answers NaN (no
+    requests in the period): reports are JSON, which has no NaN."""
+    value = histogram_quantile(q, buckets)
+    return None if math.isnan(value) else value
 
 
 def bucket_delta(after: list[tuple[float, float]],
@@ -108,8 +98,8 @@ def period_view(before: Snapshot, after: Snapshot, model: str | None = None) -> 
                                                                           **labels)
         total = after.value(family + "_sum", **labels) - before.value(family + "_sum", **labels)
         view[name] = {"count": count,
-                      "p50": histogram_quantile(0.50, delta),
-                      "p95": histogram_quantile(0.95, delta),
-                      "p99": histogram_quantile(0.99, delta),
+                      "p50": period_quantile(0.50, delta),
+                      "p95": period_quantile(0.95, delta),
+                      "p99": period_quantile(0.99, delta),
                       "mean": total / count if count else None}
     return view

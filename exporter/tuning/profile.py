@@ -11,7 +11,7 @@ drives load, stops it, waits for the files and copies them out as plain Chrome t
 
 Who can trigger it: the routes live on the API port only; the metrics port (what Prometheus
 scrapes) exposes nothing that starts a profile. vLLM's --api-key does NOT cover these routes
-(its middleware guards /v1 paths only); profile_guard.ProfileGuard is the middleware that
+(its middleware guards /v1 paths only); api_middleware.ProfileGuard is the middleware that
 does. `probe_guard` reports whether the routes answer without a token, and the command sends
 `Authorization: Bearer TOKEN` when given one.
 """

@@ -1,11 +1,12 @@
-"""An ASGI middleware that puts vLLM's profiling routes behind a bearer token.
+"""Middleware for the API port (vLLM's own app): puts vLLM's profiling routes behind a bearer
+token.
 
 vLLM's --api-key middleware guards only /v1 paths, so once an engine runs with a profiler
 config, POST /start_profile and /stop_profile on the API port answer anyone. This guard, for
 the daemon to install on the API app (through vLLM's own `--middleware` option),
 lets through only requests with `Authorization: Bearer <token>` to those paths. With no token
 configured it refuses them all: profiling must be switched on deliberately. Every other path
-passes untouched.
+passes untouched. The tuning command `profile` (tuning/profile.py) sends the token.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Certificates and web config files for the metrics port's TLS and basic auth, made fresh per
-test run with `cryptography` and `bcrypt` (shared by the tests and the scrape-flood benchmark)."""
+run with `cryptography` and `bcrypt` (for the tests and the scrape-flood benchmark)."""
 
 from __future__ import annotations
 
