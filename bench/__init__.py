@@ -1,3 +1,3 @@
 """Benchmarks. Run them from the repository root as modules, `python -m bench.NAME [args]`, so
 that they import the `testsupport` package (servers, waiting, exposition reading) as the tests
-do. bench_gpu_tick.py also runs as a plain script (`python bench/bench_gpu_tick.py`)."""
+do."""

@@ -1,10 +1,10 @@
 """Microseconds per GPU collection tick, per GPU, and which NVML calls dominate.
 
-    python3 bench/bench_gpu_tick.py [--ticks 2000] [--fake]
+    python3 -m bench.bench_gpu_tick [--ticks 2000] [--fake]
         [--child-alloc-gib 10] [--expect-other-gib 4] [--exposition PATH] [--json PATH]
 
 With a real NVML it measures the real thing; without one (or with --fake) it replays
-tests/data/nvml_h200.json through tests/fake_pynvml.py, and the figures then show only the
+tests/data/nvml_h200.json through testsupport/fake_pynvml.py, and the figures then show only the
 collector's own Python cost. --child-alloc-gib starts a torch process below this one that holds
 that much GPU memory, so the ticks run with an engine-like process on the GPU and the exposition
 must show it under owner="engine" (anything else on the GPU under owner="other").
@@ -23,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
+from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter.gpu import GpuCollector, GpuConfig  # noqa: E402
+from exporter.gpu import GpuCollector, GpuConfig
 
 GIB = 2**30
 ALLOCATE = (
@@ -49,7 +47,7 @@ def real_or_fake_nvml(force_fake: bool) -> tuple[Any, str]:
             return pynvml, "real NVML"
         except Exception as exc:
             print(f"no usable NVML ({type(exc).__name__}: {exc}); using the fake", flush=True)
-    import fake_pynvml
+    from testsupport import fake_pynvml
     return fake_pynvml.FakeNvml(fake_pynvml.load_recording()), "fake NVML (tests/data)"
 
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from .advice.cli import add_advise_parser, run_advise
 from .alerts import prepare_alerts
 from .alerts.cli import add_rules_parser, run_rules
 from .dashboards.cli import add_dashboards_parser, run_dashboards
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rules_parser(sub)
     add_tuning_parsers(sub)
     add_dashboards_parser(sub)
+    add_advise_parser(sub)
 
     docs = sub.add_parser("docs", help="generate reference docs from the code")
     docs.add_argument("what", choices=["metrics"])
@@ -110,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_rules(args)
         if args.command == "dashboards":
             return run_dashboards(args)
+        if args.command == "advise":
+            return run_advise(args)
         if args.command in TUNING_COMMANDS:
             return run_tuning(args)
         config = config_from_args(args)

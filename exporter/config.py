@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .advice.config import AdviceConfig
 from .alerts.config import AlertsConfig
 from .config_files import ConfigError, read_yaml_file
 from .engine_settings import SETTABLE
@@ -177,6 +178,7 @@ class Config:
     gpu: GpuConfig = field(default_factory=GpuConfig)
     slo: SloConfig = field(default_factory=SloConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    advice: AdviceConfig = field(default_factory=AdviceConfig)
 
     def problems(self) -> list[tuple[str, str]]:
         out = []

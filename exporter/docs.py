@@ -6,6 +6,7 @@ import difflib
 import sys
 from pathlib import Path
 
+from .advice.families import ADVICE_FAMILIES
 from .alerts.families import ALERT_FAMILIES
 from .catalog import all_families
 from .gpu import GPU_FAMILIES
@@ -34,7 +35,9 @@ def metrics_markdown() -> str:
     lines = [METRICS_HEADER]
     sections = (("Engine, latency, configuration and exporter health", FAMILIES),
                 ("GPU (NVML), see docs/gpu.md", tuple(GPU_FAMILIES)),
-                ("Alerts, see docs/alerts.md", tuple(ALERT_FAMILIES)))
+                ("Alerts, see docs/alerts.md", tuple(ALERT_FAMILIES)),
+                ("Tuning advice, capacity forecast, energy, canary, see docs/tuning.md",
+                 tuple(ADVICE_FAMILIES)))
     for title, families in sections:
         lines.append(f"\n## {title}\n")
         lines.append("| name | type | labels | meaning | source | across processes |")

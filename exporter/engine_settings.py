@@ -82,6 +82,18 @@ ENGINE_SETTINGS: tuple[EngineSetting, ...] = (
     EngineSetting("api_server_count", int, info_label=False, check=positive),
     EngineSetting("seed", int, "model_config.seed"),
     EngineSetting("device", None, "device_config.device_type"),
+    # vLLM's opt-in statistics (off unless set): KV-cache block residency, sampled over a
+    # fraction of the blocks, and estimated FLOPs / memory traffic per GPU (MFU). Each costs
+    # the engine some bookkeeping per step, which is why vLLM leaves them off.
+    EngineSetting("kv_cache_metrics", bool, "observability_config.kv_cache_metrics"),
+    EngineSetting("kv_cache_metrics_sample", float,
+                  "observability_config.kv_cache_metrics_sample", info_label=False,
+                  check=fraction),
+    EngineSetting("enable_mfu_metrics", bool, "observability_config.enable_mfu_metrics"),
+    # Speculative decoding, as configured through extra_args.speculative_config.
+    EngineSetting("speculative_method", None, "speculative_config.method", unset="none"),
+    EngineSetting("num_speculative_tokens", None,
+                  "speculative_config.num_speculative_tokens", unset="0"),
 )
 
 # The settings the operator can set (config keys and flags), in table order.

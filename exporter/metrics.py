@@ -166,7 +166,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("vllm_request_prefill_kv_computed_tokens", "histogram",
                "Prompt tokens whose KV a finished request computed in prefill (prompt length "
                "less the tokens served from the local prefix cache or a KV connector).",
-               source="FinishedRequestStats.num_prompt_tokens - num_cached_tokens (0.26+)",
+               source="FinishedRequestStats.num_prompt_tokens - num_cached_tokens (0.26-0.33)",
                buckets_key="request_tokens"),
     FamilySpec("vllm_aborted_request_duration_seconds", "histogram",
                "Time from arrival to abort of requests aborted at the API front end (client "
@@ -174,7 +174,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
                "own latency histograms leave these requests out.",
                labels=("model",),
                source="the front end's abort path: now - RequestState.stats.arrival_time of "
-                      "each live request aborted (0.26+)",
+                      "each live request aborted (0.26-0.33)",
                buckets_key="request_duration"),
     # --- waiting, admission and sleep -------------------------------------------------------
     FamilySpec("vllm_requests_waiting_by_reason", "gauge",
@@ -183,29 +183,31 @@ FAMILIES: tuple[FamilySpec, ...] = (
                "transfer, blocked status). The reasons add up to vllm_requests_waiting.",
                labels=ENGINE_LABELS + ("reason",), aggregate="latest",
                source="SchedulerStats.num_waiting_reqs (capacity), num_skipped_waiting_reqs "
-                      "(deferred) (0.26+)"),
+                      "(deferred) (0.26-0.33)"),
     FamilySpec("vllm_requests_waiting_kv_fetch", "gauge",
                "Waiting requests whose KV cache is loaded asynchronously through a KV "
                "connector, by stage: waiting_to_start, in_progress, completed_waiting (loaded, "
                "not running yet). Only on an engine that consumes KV transfers.",
                labels=ENGINE_LABELS + ("stage",), aggregate="latest",
-               source="SchedulerStats.num_kv_fetch_reqs_by_stage (0.32+; absent on 0.26, and "
-                      "without kv_transfer_config as a KV consumer; not on the CPU build's "
-                      "tests: unit-tested)"),
+               source="SchedulerStats.num_kv_fetch_reqs_by_stage (0.32-0.33; absent on "
+                      "0.26-0.31, and without kv_transfer_config as a KV consumer; no such "
+                      "connector runs in the CPU tests: unit-tested)"),
     FamilySpec("vllm_admission_rejections_total", "counter",
                "Requests the API front end refused (HTTP 503) because a queue limit was "
                "reached, by reason: max_num_queued_reqs or max_num_queued_tokens (vLLM's "
                "--max-num-queued-reqs / --max-num-queued-tokens). Summed over every "
                "API-server process.",
                labels=("model", "reason"),
-               source="StatLogger.record_admission_rejection(reason) (0.32+; absent on 0.26)"),
+               source="StatLogger.record_admission_rejection(reason) (0.32-0.33; absent on "
+                      "0.26-0.31)"),
     FamilySpec("vllm_engine_sleep_state", "gauge",
                "1 for the engine's sleep state, 0 for the others: awake, kv_cache_released "
-               "(sleep level 0), weights_offloaded (level 1) or discard_all (level 2). Exact "
-               "with one API-server process; with several, each knows only the sleep and wake "
-               "calls it served, and a state any of them reports shows as 1.",
+               "(sleep level 0, vLLM 0.31+), weights_offloaded (level 1) or discard_all "
+               "(level 2). Exact with one API-server process; with several, each knows only "
+               "the sleep and wake calls it served, and a state any of them reports shows "
+               "as 1.",
                labels=ENGINE_LABELS + ("sleep_state",),
-               source="StatLogger.record_sleep_state(sleep, level) (0.26+; sleep mode runs on "
+               source="StatLogger.record_sleep_state(sleep, level) (0.26-0.33; sleep mode runs on "
                       "CUDA, ROCm and XPU only: unit-tested on the CPU build)"),
     # --- where prompt tokens come from ------------------------------------------------------
     FamilySpec("vllm_prompt_tokens_by_source_total", "counter",
@@ -214,71 +216,72 @@ FAMILIES: tuple[FamilySpec, ...] = (
                "The sources add up to vllm_prompt_tokens_total.",
                labels=ENGINE_LABELS + ("source",),
                source="IterationStats.prompt_token_stats.{computed, local_cache_hit, "
-                      "external_kv_transfer} (0.26+)"),
+                      "external_kv_transfer} (0.26-0.33)"),
     FamilySpec("vllm_external_prefix_cache_queries_total", "counter",
                "Prompt tokens looked up in an external KV cache through a KV connector (only "
                "with a KV connector).",
-               source="SchedulerStats.connector_prefix_cache_stats.queries (0.26+; absent "
-                      "without kv_transfer_config)"),
+               source="SchedulerStats.connector_prefix_cache_stats.queries (0.26-0.33; absent "
+                      "without kv_transfer_config; unit-tested: no KV connector in the CPU "
+                      "tests)"),
     FamilySpec("vllm_external_prefix_cache_hits_total", "counter",
                "Prompt tokens found in an external KV cache through a KV connector (only with "
                "a KV connector).",
-               source="SchedulerStats.connector_prefix_cache_stats.hits (0.26+; absent without "
-                      "kv_transfer_config)"),
+               source="SchedulerStats.connector_prefix_cache_stats.hits (0.26-0.33; absent without "
+                      "kv_transfer_config; unit-tested: no KV connector in the CPU tests)"),
     # --- speculative decoding (only with a speculative_config) ------------------------------
     FamilySpec("vllm_spec_decode_drafts_total", "counter",
                "Speculative-decoding drafts: one per request per step that proposed draft "
                "tokens.",
-               source="SchedulerStats.spec_decoding_stats.num_drafts (0.26+; absent without "
+               source="SchedulerStats.spec_decoding_stats.num_drafts (0.26-0.33; absent without "
                       "speculative decoding)"),
     FamilySpec("vllm_spec_decode_draft_tokens_total", "counter",
                "Draft tokens proposed for verification.",
-               source="SchedulerStats.spec_decoding_stats.num_draft_tokens (0.26+; absent "
+               source="SchedulerStats.spec_decoding_stats.num_draft_tokens (0.26-0.33; absent "
                       "without speculative decoding)"),
     FamilySpec("vllm_spec_decode_accepted_tokens_total", "counter",
                "Draft tokens the target model accepted. Acceptance rate: rate of this / rate "
                "of draft tokens; mean accepted length per step: 1 + rate of this / rate of "
                "drafts.",
-               source="SchedulerStats.spec_decoding_stats.num_accepted_tokens (0.26+; absent "
+               source="SchedulerStats.spec_decoding_stats.num_accepted_tokens (0.26-0.33; absent "
                       "without speculative decoding)"),
     FamilySpec("vllm_spec_decode_accepted_tokens_per_position_total", "counter",
                "Accepted draft tokens by their position in the draft (0 = first); one "
                "position per speculative token configured (num_speculative_tokens).",
                labels=ENGINE_LABELS + ("position",),
-               source="SchedulerStats.spec_decoding_stats.num_accepted_tokens_per_pos (0.26+; "
+               source="SchedulerStats.spec_decoding_stats.num_accepted_tokens_per_pos (0.26-0.33; "
                       "absent without speculative decoding)"),
     # --- opt-in vLLM statistics (engine.kv_cache_metrics, engine.enable_mfu_metrics) -------
     FamilySpec("vllm_kv_block_lifetime_seconds", "histogram",
                "KV-cache blocks from allocation to eviction, for the blocks vLLM samples "
                "(engine.kv_cache_metrics_sample).",
-               source="SchedulerStats.kv_cache_eviction_events[].lifetime_seconds (0.26+; only "
+               source="SchedulerStats.kv_cache_eviction_events[].lifetime_seconds (0.26-0.33; only "
                       "with engine.kv_cache_metrics)",
                buckets_key="kv_cache_residency"),
     FamilySpec("vllm_kv_block_idle_before_evict_seconds", "histogram",
                "Time a sampled KV-cache block sat unused before it was evicted.",
-               source="SchedulerStats.kv_cache_eviction_events[].idle_seconds (0.26+; only "
+               source="SchedulerStats.kv_cache_eviction_events[].idle_seconds (0.26-0.33; only "
                       "with engine.kv_cache_metrics)",
                buckets_key="kv_cache_residency"),
     FamilySpec("vllm_kv_block_reuse_gap_seconds", "histogram",
                "Time between consecutive uses of a sampled KV-cache block (its last few uses, "
                "observed at eviction).",
-               source="SchedulerStats.kv_cache_eviction_events[].reuse_gaps_seconds (0.26+; "
+               source="SchedulerStats.kv_cache_eviction_events[].reuse_gaps_seconds (0.26-0.33; "
                       "only with engine.kv_cache_metrics)",
                buckets_key="kv_cache_residency"),
     FamilySpec("vllm_estimated_flops_per_gpu_total", "counter",
                "Floating-point operations per GPU, as vLLM estimates them from the model's "
                "shape and each step's batch. Model FLOPs utilisation (MFU): rate of this / the "
                "GPU's peak FLOP/s.",
-               source="SchedulerStats.perf_stats.num_flops_per_gpu (0.26+; only with "
+               source="SchedulerStats.perf_stats.num_flops_per_gpu (0.26-0.33; only with "
                       "engine.enable_mfu_metrics)"),
     FamilySpec("vllm_estimated_read_bytes_per_gpu_total", "counter",
                "Bytes read from GPU memory per GPU, as vLLM estimates them (weights, KV cache, "
                "activations).",
-               source="SchedulerStats.perf_stats.num_read_bytes_per_gpu (0.26+; only with "
+               source="SchedulerStats.perf_stats.num_read_bytes_per_gpu (0.26-0.33; only with "
                       "engine.enable_mfu_metrics)"),
     FamilySpec("vllm_estimated_write_bytes_per_gpu_total", "counter",
                "Bytes written to GPU memory per GPU, as vLLM estimates them.",
-               source="SchedulerStats.perf_stats.num_write_bytes_per_gpu (0.26+; only with "
+               source="SchedulerStats.perf_stats.num_write_bytes_per_gpu (0.26-0.33; only with "
                       "engine.enable_mfu_metrics)"),
     # --- configuration and capacity, set once the engine is initialised ---------------------
     FamilySpec("vllm_engine_config_info", "info",
@@ -295,7 +298,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
                "Tokens the KV cache holds: vLLM's own figure where it reports one (max "
                "concurrency x max_model_len, right for models that mix KV-cache layer types), "
                "else blocks x block size.",
-               source="CacheConfig.kv_cache_size_tokens (0.26+), else num_gpu_blocks x "
+               source="CacheConfig.kv_cache_size_tokens (0.26-0.33), else num_gpu_blocks x "
                       "block_size"),
     FamilySpec("vllm_kv_cache_bytes_per_token", "gauge",
                "KV-cache bytes one token costs across the whole model: 2 x layers x KV heads x "
@@ -308,7 +311,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("vllm_kv_cache_max_concurrency", "gauge",
                "Requests of max_model_len tokens the KV cache holds at once, as vLLM computes "
                "it (per engine; group-aware for hybrid models).",
-               source="CacheConfig.kv_cache_max_concurrency (0.26+)"),
+               source="CacheConfig.kv_cache_max_concurrency (0.26-0.33)"),
     # --- the daemon's own health ------------------------------------------------------------
     FamilySpec("vllm_exporter_build_info", "info",
                "The exporter's version and the versions it runs with (value 1).",
@@ -396,6 +399,19 @@ CONDITIONAL_FAMILIES: dict[str, str] = {
     "vllm_external_prefix_cache_hits_total": "no KV connector (kv_transfer_config)",
     "vllm_admission_rejections_total": "vLLM 0.32+ only",
 }
+
+
+
+def conditional_samples() -> frozenset[str]:
+    """Sample names (a histogram's _bucket, _sum, _count) of CONDITIONAL_FAMILIES: what a
+    query may find absent on an engine without the feature."""
+    out = set()
+    for family in FAMILIES:
+        if family.name in CONDITIONAL_FAMILIES:
+            suffixes = ("_bucket", "_sum", "_count") if family.kind == "histogram" else ("",)
+            out.update(family.name + suffix for suffix in suffixes)
+    return frozenset(out)
+
 
 ERROR_COMPONENTS = ("stat_logger", "idle_watchdog", "engine_health", "metrics_server", "gpu",
                     "alerts")

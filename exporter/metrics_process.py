@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     # switch interval: hand the GIL over more often (this process does little else).
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
+    from .advice import prepare_advice
     from .alerts import prepare_alerts
     from .config import ConfigError
     from .runtime import Runtime
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=config.daemon.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         alerts = prepare_alerts(config)
+        advisor = prepare_advice(config)
     except ConfigError as exc:
         print(f"vllm-exporter metrics process: config error: {exc}", file=sys.stderr)
         _report(args.ready_fd, f"error: config error: {exc}")
@@ -224,12 +226,16 @@ def main(argv: list[str] | None = None) -> int:
         alerts.start(rt.registry, rt.alert_hooks())
         if alerts.client is not None:
             rt.on_engine_death.append(lambda: _deliver_before_exit(alerts, config))
+    if advisor is not None:
+        advisor.start(rt.registry, rt.server.add_route, rt.server.add_renderer)
     _report(args.ready_fd, f"ok {rt.server.port}")
     try:
         _serve_until_orphaned(rt, stop, args.spawner_pid)
     finally:
         if alerts is not None:
             alerts.stop()
+        if advisor is not None:
+            advisor.stop()
         rt.stop()
         if args.mode == "plugin":
             shutil.rmtree(args.dir, ignore_errors=True)

@@ -28,6 +28,7 @@ from .config import config_from_environment, load_config
 from .vllm_compat import (
     AggregateStatLoggerBase,
     engine_config_labels,
+    engine_features,
     find_async_llm,
     finish_reason_name,
     kv_cache_geometry,
@@ -84,14 +85,16 @@ class ExporterStatLogger(AggregateStatLoggerBase):
         self._fe = fe
         self._recorder = fe.attach_stat_logger(served_model_name(vllm_config),
                                                self.engine_indexes, finish_reason_name)
-        engine = find_async_llm()
-        if engine is not None:  # client aborts, unfinished requests, death, shutdown
-            watch_async_llm(engine, fe)
+        # Families of the features this engine's config switches on exist from the start.
+        self._recorder.expect(engine_features(vllm_config))
         m = fe.metrics
         self._records = m.stat_logger_records.labels()
         self._seconds = m.stat_logger_seconds.labels()
         self._errors = m.errors.labels("stat_logger")
         self._error_logged = False
+        engine = find_async_llm()
+        if engine is not None:  # client aborts, unfinished requests, death, shutdown
+            watch_async_llm(engine, fe, self._client_aborts)
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0, *args: Any, **kwargs: Any) -> None:
@@ -102,13 +105,25 @@ class ExporterStatLogger(AggregateStatLoggerBase):
         try:
             recorder.record(scheduler_stats, iteration_stats, engine_idx)
         except Exception:  # never let our bookkeeping break vLLM's output loop
-            self._errors.inc()
-            if not self._error_logged:
-                self._error_logged = True
-                log.exception("stat logger failed (counted in vllm_exporter_errors_total; "
-                              "logged once)")
+            self._failed()
         self._records.inc()
         self._seconds.inc(time.perf_counter() - started)
+
+    def _failed(self) -> None:
+        self._errors.inc()
+        if not self._error_logged:
+            self._error_logged = True
+            log.exception("stat logger failed (counted in vllm_exporter_errors_total; "
+                          "logged once)")
+
+    def _client_aborts(self, n: int, seconds_in_engine: list[float]) -> None:
+        """vLLM's front end aborted n live requests (client gone): count them, and observe
+        how long each had been in the engine."""
+        try:
+            self._fe.count_client_aborts(n)
+            self._recorder.record_client_aborts(seconds_in_engine)
+        except Exception:
+            self._failed()
 
     def log_engine_initialized(self) -> None:
         if self._fe is None:
@@ -122,8 +137,21 @@ class ExporterStatLogger(AggregateStatLoggerBase):
     def log(self) -> None:
         pass
 
-    def record_sleep_state(self, *args: Any, **kwargs: Any) -> None:
-        pass
+    def record_sleep_state(self, sleep: int = 0, level: int = 0, *args: Any,
+                           **kwargs: Any) -> None:
+        """vLLM put the engine to sleep (sleep=1, at `level`) or woke it (sleep=0)."""
+        if self._recorder is None:
+            return
+        try:
+            self._recorder.set_sleep_state(sleep, level)
+        except Exception:
+            self._failed()
 
-    def record_admission_rejection(self, reason: str) -> None:
-        pass
+    def record_admission_rejection(self, reason: str, *args: Any, **kwargs: Any) -> None:
+        """vLLM's front end refused a request at a queue limit (0.32+)."""
+        if self._recorder is None:
+            return
+        try:
+            self._recorder.record_admission_rejection(reason)
+        except Exception:
+            self._failed()

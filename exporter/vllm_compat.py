@@ -1,10 +1,10 @@
-"""The only module that imports vLLM internals. Shims for vLLM 0.26 .. 0.33.
+"""The only module that imports vLLM internals. Shims for vLLM 0.26 .. 0.34.
 
 vLLM moved its server helpers between releases; each name is looked up in the modules that hold
-it, newest first (checked against the 0.26.0, 0.32.0 and 0.33.0 sources):
+it, newest first (checked against the 0.26.0, 0.32.0, 0.33.0 and 0.34.0 sources):
     0.26: vllm.entrypoints.openai.{api_server,cli_args}, vllm.entrypoints.launcher
     0.32: vllm.entrypoints.launchers.{launcher,app,cli_args,api_server.entry,api_server.app_state}
-    0.33: as 0.32, but cli_args and cli_env_setup moved to vllm.entrypoints.common.
+    0.33, 0.34: as 0.32, but cli_args and cli_env_setup moved to vllm.entrypoints.common.
 Stats objects grow fields from release to release; stats.py reads them by attribute, optional
 ones with getattr, so the rest of the package never imports vLLM directly.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 from argparse import Namespace
 from typing import Any, Callable
 
@@ -41,20 +42,20 @@ def _first_attr(name: str, modules: tuple[str, ...]) -> Any:
 
 
 _LAUNCHER_MODULES = (
-    "vllm.entrypoints.launchers.launcher",       # 0.32, 0.33
+    "vllm.entrypoints.launchers.launcher",       # 0.32 - 0.34
     "vllm.entrypoints.openai.api_server",        # 0.26
 )
 _ENTRY_MODULES = (
-    "vllm.entrypoints.launchers.api_server.entry",  # 0.32, 0.33
+    "vllm.entrypoints.launchers.api_server.entry",  # 0.32 - 0.34
     "vllm.entrypoints.openai.api_server",        # 0.26
 )
 _CLI_ARGS_MODULES = (
-    "vllm.entrypoints.common.cli_args",          # 0.33
+    "vllm.entrypoints.common.cli_args",          # 0.33, 0.34
     "vllm.entrypoints.launchers.cli_args",       # 0.32
     "vllm.entrypoints.openai.cli_args",          # 0.26
 )
 _ENV_SETUP_MODULES = (
-    "vllm.entrypoints.common.startup",           # 0.33
+    "vllm.entrypoints.common.startup",           # 0.33, 0.34
     "vllm.entrypoints.serve.utils.api_utils",    # 0.26, 0.32
 )
 
@@ -110,7 +111,37 @@ def kv_cache_geometry(vllm_config: Any) -> dict[str, float]:
         per_token = kv_bytes_per_token(layers, kv_heads, head_dim, element, mla=mla)
     except (AttributeError, TypeError, ValueError):
         per_token = 0
-    return {"blocks": blocks, "block_size": block_size, "bytes_per_token": per_token}
+    # vLLM's own group-aware capacity (0.26+), right where blocks x block size is not (hybrid
+    # models); per data-parallel engine, where num_gpu_blocks is summed over the engines.
+    size_tokens = getattr(cache_config, "kv_cache_size_tokens", None)
+    concurrency = getattr(cache_config, "kv_cache_max_concurrency", None)
+    return {"blocks": blocks, "block_size": block_size, "bytes_per_token": per_token,
+            "capacity_tokens": int(size_tokens) if size_tokens else None,
+            "max_concurrency": float(concurrency) if concurrency is not None else None}
+
+
+def engine_features(vllm_config: Any) -> dict[str, Any]:
+    """The statistics the engine's config switches on, for StatsRecorder.expect."""
+    speculative = getattr(vllm_config, "speculative_config", None)
+    observability = getattr(vllm_config, "observability_config", None)
+    kv_transfer = getattr(vllm_config, "kv_transfer_config", None)
+    return {
+        "num_speculative_tokens": int(getattr(speculative, "num_speculative_tokens", 0) or 0),
+        "kv_cache_metrics": bool(getattr(observability, "kv_cache_metrics", False)),
+        "mfu_metrics": bool(getattr(observability, "enable_mfu_metrics", False)),
+        "kv_connector": kv_transfer is not None,
+        # Async KV loads by stage: only on a consumer, and only where vLLM reports them (0.32+).
+        "kv_consumer": bool(getattr(kv_transfer, "is_kv_consumer", False))
+        and KV_FETCH_STAGES_REPORTED,
+        "admission_rejections": ADMISSION_REJECTIONS_REPORTED,
+    }
+
+
+# vLLM calls record_admission_rejection from 0.32 on (its base class gained the method then).
+ADMISSION_REJECTIONS_REPORTED: bool = hasattr(AggregateStatLoggerBase,
+                                              "record_admission_rejection")
+KV_FETCH_STAGES_REPORTED: bool = "num_kv_fetch_reqs_by_stage" in getattr(
+    importlib.import_module("vllm.v1.metrics.stats").SchedulerStats, "__dataclass_fields__", {})
 
 
 def served_model_name(vllm_config: Any) -> str:
@@ -227,31 +258,59 @@ def find_async_llm() -> Any:
     return None
 
 
-def watch_async_llm(engine: Any, frontend: Any) -> None:
+def watch_async_llm(engine: Any, frontend: Any,
+                    on_aborted: Callable[[int, list[float]], None] | None = None) -> None:
     """Wire a front end to its engine: client aborts, unfinished requests per rank, engine
-    death, and a stop told apart from a death."""
-    count_client_aborts(engine, frontend.count_client_aborts)
+    death, and a stop told apart from a death. `on_aborted(n, seconds)` replaces the front
+    end's abort count where given (seconds: each aborted request's time since arrival)."""
+    count_client_aborts(engine, on_aborted or (lambda n, _: frontend.count_client_aborts(n)))
     frontend.watch_engine(lambda: unfinished_by_engine(engine), lambda: engine_dead(engine))
     before_engine_shutdown(engine, frontend.mark_stopping)
 
 
-def count_client_aborts(engine: Any, on_aborted: Callable[[int], None]) -> None:
-    """Call `on_aborted(n)` each time the front end aborts n live requests.
+def count_client_aborts(engine: Any, on_aborted: Callable[[int, list[float]], None]) -> None:
+    """Call `on_aborted(n, seconds)` each time the front end aborts n live requests; `seconds`
+    holds each one's time since it arrived (where vLLM tracked its arrival).
 
     vLLM's output processor drops a request aborted by its client (a closed stream) without
     producing finished-request statistics, so no stat logger ever sees it. The wrapper counts
-    the requests that were still live when the abort arrived (its return value).
+    the requests that were still live when the abort arrived (its return value), and reads
+    their arrival times before vLLM drops their state.
     """
     processor = engine.output_processor
     original = processor.abort_requests
 
-    def abort_requests(*args: Any, **kwargs: Any):
-        aborted = original(*args, **kwargs)
+    def abort_requests(request_ids: Any, *args: Any, **kwargs: Any):
+        request_ids = list(request_ids)  # may be a one-shot iterable
+        arrivals = _arrival_times(processor, request_ids, *args, **kwargs)
+        aborted = original(request_ids, *args, **kwargs)
         if aborted:
-            on_aborted(len(aborted))
+            now = time.time()
+            on_aborted(len(aborted), [now - arrivals[r] for r in aborted if r in arrivals])
         return aborted
 
     processor.abort_requests = abort_requests
+
+
+def _arrival_times(processor: Any, request_ids: list, internal: bool = False,
+                   *_: Any, **kwargs: Any) -> dict[str, float]:
+    """{internal request id: arrival time (wall clock)} of the live requests that
+    abort_requests(request_ids, internal) will abort: internal ids name themselves, an external
+    id every request made from it (0.26-0.34: OutputProcessor.external_req_ids)."""
+    internal = kwargs.get("internal", internal)
+    states = getattr(processor, "request_states", None) or {}
+    if internal:
+        candidates = request_ids
+    else:
+        external = getattr(processor, "external_req_ids", None) or {}
+        candidates = [i for r in request_ids for i in external.get(r, ())] or request_ids
+    out = {}
+    for request_id in candidates:
+        stats = getattr(states.get(request_id), "stats", None)
+        arrival = getattr(stats, "arrival_time", None)
+        if arrival:
+            out[request_id] = arrival
+    return out
 
 
 def before_engine_shutdown(engine: Any, callback: Callable[[], None]) -> None:

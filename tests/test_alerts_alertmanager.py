@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -245,10 +246,103 @@ def test_engine_death_is_evaluated_at_once_and_its_delivery_awaited(tmp_path, we
         am.start()
         assert service.deliver_now(20.0) is True
         died = webhook.wait("VllmEngineDied")
+        # instance: the replica's own label (alerts.instance; default host name:metrics port)
         assert died[0]["labels"] == {"alertname": "VllmEngineDied", "model": "m",
-                                     "severity": "critical"}
+                                     "severity": "critical",
+                                     "instance": f"{socket.gethostname()}:{config.metrics.port}"}
         assert time.monotonic() - died_at < 40  # long before the next regular tick
     finally:
         service.stop()
         am.stop()
         rt.stop()
+
+
+# --- replica identity (issue 17) ----------------------------------------------------------------
+
+def test_replica_labels_go_under_the_alerts_own(webhook):
+    """Every alert leaves with instance and the external labels; a label the alert already has
+    wins (as Prometheus adds its external_labels)."""
+    config = AlertmanagerConfig(urls=[webhook.url], retry_initial_seconds=0.1)
+    client = AlertmanagerClient(config, Counts().counters(),
+                                replica_labels={"instance": "gpu-7:9410", "cluster": "eu",
+                                                "team": "default"})
+    client.start()
+    try:
+        client.enqueue([_alert("Replica", model="m", team="inference")])
+        got = wait_for(lambda: [a for p in webhook.payloads for a in p], 10,
+                       what="the alert at the webhook")
+        assert got[0]["labels"] == {"alertname": "Replica", "severity": "warning", "model": "m",
+                                    "team": "inference", "instance": "gpu-7:9410",
+                                    "cluster": "eu"}
+    finally:
+        client.stop()
+
+
+def test_two_replicas_of_one_rule_stay_two_alerts_in_the_queue():
+    config = AlertmanagerConfig(urls=["http://127.0.0.1:9"])
+    queues = []
+    for instance in ("a:9410", "b:9410"):
+        client = AlertmanagerClient(config, replica_labels={"instance": instance})
+        client.enqueue([_alert("Same", model="m")])
+        queues.append(client.queues["http://127.0.0.1:9"].peek(1)[0][1]["labels"]["instance"])
+    assert queues == ["a:9410", "b:9410"]
+
+
+def test_replica_labels_default_to_host_name_and_port_and_expand_the_environment(monkeypatch):
+    from exporter.alerts.config import AlertsConfig
+
+    monkeypatch.setenv("POD_NAMESPACE", "serving")
+    config = AlertsConfig(external_labels={"namespace": "${POD_NAMESPACE}", "job": "vllm"})
+    assert not config.problems()
+    assert config.replica_labels(9410) == {"namespace": "serving", "job": "vllm",
+                                           "instance": f"{socket.gethostname()}:9410"}
+    assert config.exported_labels() == {"job": "vllm"}  # per-replica values are not exported
+    config.instance = "${POD_NAMESPACE}-0:9410"
+    assert config.replica_labels(1)["instance"] == "serving-0:9410"
+
+
+@pytest.mark.parametrize("alerts, field, problem", [
+    ({"external_labels": {"instance": "x"}}, "alerts.external_labels.instance",
+     "reserved: set it with alerts.instance"),
+    ({"external_labels": {"alertname": "x"}}, "alerts.external_labels.alertname", "reserved"),
+    ({"external_labels": {"severity": "x"}}, "alerts.external_labels.severity", "reserved"),
+    ({"external_labels": {"__name__": "x"}}, "alerts.external_labels.__name__",
+     "not a valid label name"),
+    ({"external_labels": {"my-label": "x"}}, "alerts.external_labels.my-label",
+     "not a valid label name"),
+    ({"external_labels": {"cluster": ""}}, "alerts.external_labels.cluster", "must not be empty"),
+    ({"external_labels": {"pod": "${VLLM_EXPORTER_TEST_UNSET}"}}, "alerts.external_labels.pod",
+     "environment variable VLLM_EXPORTER_TEST_UNSET is not set"),
+    ({"external_labels": {"pod": "$HOSTNAME"}}, "alerts.external_labels.pod", "${VAR}"),
+    ({"external_labels": {"cluster": 3}}, "alerts.external_labels.cluster", "must be a string"),
+    ({"instance": ""}, "alerts.instance", "must not be empty"),
+])
+def test_bad_replica_labels_are_refused_naming_the_field(tmp_path, alerts, field, problem):
+    import yaml
+
+    from exporter.config import ConfigError, load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"alerts": alerts}))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert field in str(caught.value) and problem in str(caught.value), str(caught.value)
+
+
+def test_exported_alerting_rules_carry_the_constant_external_labels(tmp_path, monkeypatch):
+    import yaml
+
+    from exporter.alerts.cli import export_text
+    from exporter.config import load_config
+
+    monkeypatch.setenv("POD_NAME", "vllm-0")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"alerts": {"external_labels": {
+        "cluster": "eu", "job": "vllm-exporter", "pod": "${POD_NAME}"}}}))
+    doc = yaml.safe_load(export_text(load_config(path), "prometheus"))
+    alerting = [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
+    assert alerting and all(r["labels"]["cluster"] == "eu" and r["labels"]["job"] ==
+                            "vllm-exporter" and "pod" not in r["labels"] for r in alerting)
+    recording = [r for g in doc["groups"] for r in g["rules"] if "record" in r]
+    assert recording and all("labels" not in r or set(r["labels"]) == {"objective"}
+                             for r in recording)

@@ -12,6 +12,7 @@ detection latencies are printed (bench figures).
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
@@ -41,15 +42,17 @@ def test_saturation_fires_in_daemon_and_in_prometheus_then_resolves(daemon, aler
     daemon_alerts = [a for a in webhook.alerts(E2E_ALERT, "firing") if "job" not in a["labels"]]
     prom_alerts = [a for a in webhook.alerts(E2E_ALERT, "firing") if "job" in a["labels"]]
     ours = daemon_alerts[-1]
+    # instance: the replica's identity, <host name>:<metrics port> by default (docs/alerts.md)
     assert ours["labels"] == {"alertname": E2E_ALERT, "model": daemon.model, "engine": "0",
-                              "test": "e2e", "severity": "info"}
+                              "test": "e2e", "severity": "info",
+                              "instance": f"{socket.gethostname()}:{daemon.metrics_port}"}
     assert ours["annotations"]["summary"].startswith("median queue time ")
     assert ours["annotations"]["summary"].endswith(f"s on {daemon.model}")
     assert ours["generatorURL"] == f"http://127.0.0.1:{daemon.metrics_port}/alerts"
     # the same alert from Prometheus: same labels plus the scrape target's
     theirs = prom_alerts[-1]
     assert {k: v for k, v in theirs["labels"].items() if k not in ("job", "instance")} == \
-        ours["labels"]
+        {k: v for k, v in ours["labels"].items() if k != "instance"}
     # resolution once the 15 s window no longer holds queued requests
     assert 0 <= result["daemon_resolved_s"] < 40
 

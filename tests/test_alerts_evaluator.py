@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ from exporter.alerts.service import AlertingService
 from exporter.alerts.templates import go_float, render
 from exporter.config import load_config
 from exporter.runtime import Runtime
+from testsupport.waiting import wait_for
 from exporter.slo import SloConfig
 
 
@@ -225,12 +225,9 @@ def test_service_evaluates_our_registry_and_serves_json(tmp_path):
     service.start(rt.registry, rt.alert_hooks())
     try:
         metrics.requests_waiting.labels("m", "0").set(9)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if registry.get_sample_value("vllm_exporter_alert_rule_state",
-                                         {"alertname": "Waiting", "severity": "warning"}) == 2:
-                break
-            time.sleep(0.05)
+        wait_for(lambda: registry.get_sample_value(
+            "vllm_exporter_alert_rule_state", {"alertname": "Waiting", "severity": "warning"}) == 2,
+            5, what="the Waiting rule to fire")
         assert registry.get_sample_value("vllm_exporter_alerts",
                                          {"alertname": "Waiting", "state": "firing"}) == 1
         # The metrics port renders the states from the text published at the tick.

@@ -231,7 +231,10 @@ def test_every_engine_family_is_labelled_only_by_bounded_inputs():
     cap of its own, and this test makes adding one a conscious decision."""
     bounded = {"model", "engine", "adapter", "finish_reason", "objective", "result", "path",
                "code", "component", "reason", "label", "version", "vllm_version",
-               "python_version", "mode", "state", "role"}
+               "python_version", "mode", "state", "role",
+               # fixed sets in stats.py (vLLM's own names, else "other"); position: at most
+               # stats.MAX_SPEC_POSITIONS draft positions, then "other"
+               "stage", "sleep_state", "source", "position"}
     from exporter.metrics import ENGINE_CONFIG_LABELS, FAMILIES
 
     for family in FAMILIES:

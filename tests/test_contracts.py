@@ -71,12 +71,14 @@ ENGINE_KEYS = (
     "gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
     "block_size", "enable_prefix_caching", "enable_chunked_prefill", "tensor_parallel_size",
     "pipeline_parallel_size", "data_parallel_size", "api_server_count", "seed",
+    "kv_cache_metrics", "kv_cache_metrics_sample", "enable_mfu_metrics",
 )
 ENGINE_CONFIG_INFO_LABELS = (
     "model", "served_model_name", "vllm_version", "quantization", "dtype", "kv_cache_dtype",
     "gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
     "block_size", "enable_prefix_caching", "enable_chunked_prefill", "tensor_parallel_size",
     "pipeline_parallel_size", "data_parallel_size", "seed", "device",
+    "kv_cache_metrics", "enable_mfu_metrics", "speculative_method", "num_speculative_tokens",
 )
 
 
@@ -88,7 +90,7 @@ def test_engine_settings_keep_their_public_names():
     parser = build_parser()
     for key in ENGINE_KEYS:
         flag = "--" + key.replace("_", "-")
-        boolean = key.startswith("enable_")
+        boolean = key.startswith("enable_") or key == "kv_cache_metrics"
         args = vars(parser.parse_args(["serve", flag] if boolean else ["serve", flag, "1"]))
         assert args[f"engine.{key}"] in (True, 1, 1.0, "1"), flag
     args = vars(parser.parse_args(["serve", "--no-enable-prefix-caching"]))

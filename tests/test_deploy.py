@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -50,8 +51,10 @@ def tool(name: str) -> str:
     return path
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=120, cwd=cwd)
+def run(*args: str, cwd: Path | None = None, env: dict | None = None
+        ) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env=env)
 
 
 def load_all(path: Path) -> list[dict]:
@@ -248,6 +251,44 @@ def test_kubernetes_objects_are_wired_together():
     assert "/etc/vllm-exporter/config.yaml" in container["args"]
 
 
+def test_kubernetes_runs_a_fleet_whose_alerts_name_the_pod(monkeypatch):
+    """N replicas; each pod's daemon labels its alerts with what Prometheus labels the pod's
+    series (the ServiceMonitor's relabelings), so the two paths' alerts are one alert."""
+    from exporter.alerts.config import AlertsConfig
+
+    docs = _by_kind()
+    deployment, monitor = docs["Deployment"], docs["ServiceMonitor"]
+    assert deployment["spec"]["replicas"] >= 2
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxSurge"] == 0  # no extra pod (and GPU) during a rollout
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]
+           if "valueFrom" in e}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    # What Prometheus' target labels become for pod vllm-exporter-abc in namespace serving:
+    pod, namespace, port = "vllm-exporter-abc", "serving", 9410
+    meta = {"__meta_kubernetes_pod_name": pod, "__meta_kubernetes_namespace": namespace,
+            "__meta_kubernetes_pod_container_port_number": str(port)}
+    # the Operator's own target labels, then the ServiceMonitor's relabelings
+    target = {"job": docs["Service"]["metadata"]["name"], "instance": f"10.0.0.7:{port}",
+              "namespace": namespace, "pod": pod, "service": "vllm-exporter",
+              "container": "vllm-exporter", "endpoint": "metrics"}
+    for step in monitor["spec"]["endpoints"][0]["relabelings"]:
+        if step.get("action") == "labeldrop":
+            target = {k: v for k, v in target.items() if not re.fullmatch(step["regex"], k)}
+        else:
+            value = step.get("separator", ";").join(meta[s] for s in step["sourceLabels"])
+            target[step["targetLabel"]] = value
+    monkeypatch.setenv("POD_NAME", pod)
+    monkeypatch.setenv("POD_NAMESPACE", namespace)
+    k8s = yaml.safe_load(yaml.safe_load((K8S / "configmap-config.yaml").read_text())
+                         ["data"]["config.yaml"])
+    alerts = AlertsConfig(instance=k8s["alerts"]["instance"],
+                          external_labels=k8s["alerts"]["external_labels"])
+    assert not alerts.problems()
+    assert alerts.replica_labels(k8s["metrics"]["port"]) == target
+
+
 def test_prometheusrule_matches_the_rules_file():
     path = K8S / "prometheusrule.yaml"
     if not path.exists() or not RULES_FILE.exists():
@@ -317,9 +358,11 @@ def test_the_bundled_daemon_configs_pass_check_config(tmp_path):
     model = str(ensure_default_model())  # the bundles name a model that is not here
     k8s = yaml.safe_load((K8S / "configmap-config.yaml").read_text())["data"]["config.yaml"]
     (tmp_path / "k8s.yaml").write_text(k8s)
+    # what the Deployment's downward API gives each pod (the k8s config reads them)
+    env = {**os.environ, "POD_NAME": "vllm-exporter-0", "POD_NAMESPACE": "serving"}
     for config in (DEPLOY / "compose" / "vllm-exporter.yaml", tmp_path / "k8s.yaml"):
         result = run(sys.executable, "-m", "exporter", "check-config", "--config", str(config),
-                     "--model", model, cwd=ROOT)
+                     "--model", model, cwd=ROOT, env=env)
         assert result.returncode == 0, f"{config}: {result.stdout}{result.stderr}"
 
 

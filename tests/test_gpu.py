@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-import fake_pynvml
+from testsupport import fake_pynvml
 from exporter.gpu import (GPU_FAMILIES, GpuCollector, GpuConfig, descendants,
                           map_cuda_visible_devices, read_parent_pids)
 from testsupport.waiting import wait_for
@@ -722,10 +722,11 @@ def test_the_config_loads_without_the_collector_or_nvml():
 def test_the_benchmark_runs_against_the_fake(tmp_path):
     import json
     import subprocess
-    bench = Path(__file__).parent.parent / "bench" / "bench_gpu_tick.py"
-    result = subprocess.run([sys.executable, str(bench), "--fake", "--ticks", "50",
+    result = subprocess.run([sys.executable, "-m", "bench.bench_gpu_tick", "--fake",
+                             "--ticks", "50",
                              "--slow-ticks", "5", "--json", str(tmp_path / "bench.json")],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["nvml"].startswith("fake")

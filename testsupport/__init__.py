@@ -20,6 +20,9 @@ through `pythonpath = ["."]` in pyproject.toml; benchmarks run from the reposito
     pki              throw-away certificates and web config files
     lora             a LoRA adapter for the default model
     markers          pytest skip markers for missing Prometheus binaries
+    fake_pynvml      pynvml replayed from a recorded GPU (tests/data/nvml_h200.json)
+    moe_model        a tiny mixture-of-experts model, for data-parallel shapes vLLM allows
+                     only for MoE models; moe_dp/ fills two collectives vLLM's CPU build lacks
 """
 
 from pathlib import Path

@@ -6,6 +6,10 @@ instead of piling up. A queue never holds more than `queue_size` alerts: beyond 
 oldest is dropped and counted. The sender POSTs batches to /api/v2/alerts; on failure it
 keeps the batch, waits (exponential backoff from retry_initial_seconds to retry_max_seconds)
 and tries again, so alerts queued while Alertmanager is down arrive once it is back.
+
+Every alert leaves with the replica's labels (`replica_labels`: instance and the configured
+external labels) added where it does not carry them already, as Prometheus adds its
+external_labels: N daemons firing the same rule stay N alerts in Alertmanager.
 """
 
 from __future__ import annotations
@@ -81,9 +85,11 @@ class AlertQueue:
 
 
 class AlertmanagerClient:
-    def __init__(self, config: AlertmanagerConfig, counters: SendCounters | None = None):
+    def __init__(self, config: AlertmanagerConfig, counters: SendCounters | None = None,
+                 replica_labels: dict[str, str] | None = None):
         self.config = config
         self.counters = counters or SendCounters()
+        self.replica_labels = dict(replica_labels or {})
         self.queues = {url: AlertQueue(config.queue_size) for url in config.urls}
         self._wake = {url: threading.Event() for url in config.urls}
         self._stop = threading.Event()
@@ -125,7 +131,14 @@ class AlertmanagerClient:
         for thread in self._threads:
             thread.join(timeout=self.config.timeout_seconds + 1)
 
+    def with_replica_labels(self, alert: dict) -> dict:
+        """The alert with the replica's labels under its own (its own win)."""
+        if not self.replica_labels:
+            return alert
+        return {**alert, "labels": {**self.replica_labels, **alert["labels"]}}
+
     def enqueue(self, alerts: list[dict]) -> None:
+        alerts = [self.with_replica_labels(alert) for alert in alerts]
         for url, queue in self.queues.items():
             dropped = sum(queue.put(alert) for alert in alerts)
             if dropped:

@@ -4,9 +4,11 @@
                                [--out FILE] [--check]
 
 `prometheus` (default) writes a rule file for Prometheus's `rule_files`; `kubernetes` a
-PrometheusRule for the Prometheus Operator; `native` the rules in vllm-exporter's own rule
-format (a starting point for a custom alerts.rules_file). With --check, nothing is written:
-exit 1 if --out differs from what would be written (CI keeps deploy/ in step with the code).
+PrometheusRule for the Prometheus Operator (both: the per-replica alerting rules, then the
+fleet recording rules and fleet SLO alerts of fleet.py, in a second group); `native` the
+rules in vllm-exporter's own rule format (a starting point for a custom alerts.rules_file).
+With --check, nothing is written: exit 1 if --out differs from what would be written (CI
+keeps deploy/ in step with the code).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def add_rules_parser(subparsers) -> None:
 
 def export_text(config, fmt: str) -> str:
     from .defaults import default_rule_file
+    from .fleet import fleet_group
     from .promql import kubernetes_prometheus_rule, prometheus_rule_file, to_yaml
     from .service import load_rules
 
@@ -51,9 +54,11 @@ def export_text(config, fmt: str) -> str:
         return ("# vllm-exporter's default rule pack in its own rule format (docs/alerts.md).\n"
                 + yaml.safe_dump(raw, sort_keys=False, width=100))
     rules = load_rules(config)
+    labels = config.alerts.exported_labels()
+    fleet = [fleet_group(config.slo, config.alerts.runbook_base_url, labels)]
     if fmt == "kubernetes":
-        return to_yaml(kubernetes_prometheus_rule(rules))
-    return to_yaml(prometheus_rule_file(rules))
+        return to_yaml(kubernetes_prometheus_rule(rules, labels=labels, extra_groups=fleet))
+    return to_yaml(prometheus_rule_file(rules, labels, fleet))
 
 
 def run_rules(args: argparse.Namespace) -> int:

@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+
+LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Labels an external label may not set: alertname and severity come from the rule, instance
+# from alerts.instance; names starting with __ are Prometheus' own.
+RESERVED_LABELS = ("alertname", "severity", "instance")
+
+
+def expand_env(text: str) -> str:
+    """`${VAR}` replaced by the environment variable VAR (KeyError if it is not set)."""
+    return ENV_REF_RE.sub(lambda m: os.environ[m.group(1)], text)
+
+
+def references_env(text: str) -> bool:
+    return bool(ENV_REF_RE.search(text))
 
 
 @dataclass
@@ -68,6 +86,14 @@ class AlertsConfig:
     # Where your team publishes docs/runbook.md; the default pack's runbook_url annotations
     # become <this>#<alert name in lower case>. None: the project's own docs/runbook.md.
     runbook_base_url: str | None = None
+    # The `instance` label of every alert the daemon pushes (docs/alerts.md#replica-identity):
+    # set it to the address Prometheus scrapes this daemon at. None: <host name>:<metrics.port>.
+    # `${VAR}` is replaced by the environment variable VAR.
+    instance: str | None = None
+    # Labels added to every alert the daemon pushes, like Prometheus' external_labels (a label
+    # the alert already has wins). Constant values are added to the exported alerting rules
+    # too; values with `${VAR}` are per replica and are not exported.
+    external_labels: dict[str, str] = field(default_factory=dict)
     # Overrides of the default pack's thresholds, by key (docs/alerts.md lists them).
     thresholds: dict[str, float] = field(default_factory=dict)
     alertmanager: AlertmanagerConfig = field(default_factory=AlertmanagerConfig)
@@ -96,4 +122,43 @@ class AlertsConfig:
         if self.external_url is not None and not self.external_url.startswith(("http://",
                                                                               "https://")):
             out.append(("external_url", f"must be an http(s) URL, got {self.external_url!r}"))
+        out += self._identity_problems()
         return out
+
+    def _identity_problems(self) -> list[tuple[str, str]]:
+        out = []
+        values = [("instance", self.instance)] if self.instance is not None else []
+        if self.instance is not None and not self.instance.strip():
+            out.append(("instance", "must not be empty (leave it out for <host name>:<port>)"))
+        for name, value in self.external_labels.items():
+            where = f"external_labels.{name}"
+            if not LABEL_NAME_RE.match(name) or name.startswith("__"):
+                out.append((where, f"not a valid label name ({LABEL_NAME_RE.pattern}, not "
+                                   f"starting with __)"))
+            elif name in RESERVED_LABELS:
+                reason = ("set it with alerts.instance" if name == "instance"
+                          else "set by the rule itself")
+                out.append((where, f"{name} is reserved: {reason}"))
+            elif not value:
+                out.append((where, "must not be empty"))
+            values.append((where, value))
+        for where, value in values:
+            for var in ENV_REF_RE.findall(value):
+                if var not in os.environ:
+                    out.append((where, f"environment variable {var} is not set"))
+            if "$" in ENV_REF_RE.sub("", value):
+                out.append((where, "a $ must start ${VAR} (an environment variable)"))
+        return out
+
+    def replica_labels(self, metrics_port: int) -> dict[str, str]:
+        """The labels that identify this replica on every pushed alert: instance (default
+        <host name>:<metrics port>) and the external labels, environment references expanded."""
+        instance = self.instance if self.instance is not None \
+            else f"{socket.gethostname()}:{metrics_port}"
+        labels = {name: expand_env(value) for name, value in self.external_labels.items()}
+        return {**labels, "instance": expand_env(instance)}
+
+    def exported_labels(self) -> dict[str, str]:
+        """The external labels the exported alerting rules carry: the constant ones."""
+        return {name: value for name, value in self.external_labels.items()
+                if not references_env(value)}

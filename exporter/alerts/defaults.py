@@ -34,6 +34,15 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "foreign_process_memory_bytes": 1073741824,
     "gpu_collector_stale_seconds": 120,
     "exporter_errors_per_second": 0.05,
+    # Speculative decoding: warn when fewer than this share of draft tokens are accepted (with
+    # at least min_draft_token_rate draft tokens/s, so an idle engine stays quiet).
+    "spec_decode_acceptance_ratio": 0.3,
+    "min_draft_token_rate": 1.0,
+    # Requests/s the API refuses at vLLM's queue limits (--max-num-queued-reqs/-tokens).
+    "admission_rejections_per_second": 0.05,
+    # Waiting requests held back by a KV transfer, or deferred (LoRA budget, grammar, ...).
+    "kv_transfer_waiting_requests": 10,
+    "deferred_requests": 10,
 }
 
 # Thresholds that no longer exist: a config naming one is refused with this message.
@@ -140,6 +149,41 @@ def default_rule_file(thresholds: dict[str, float] | None = None,
               signal={"gauge": "vllm_engine_state", "match": {"state": "dead"},
                       "without": ["state"]},
               above=0),
+        _rule("VllmRequestsRejected", "threshold", "5m", "critical",
+              "Requests are refused at the queue limit on {{ $labels.model }}",
+              f"The API refuses {{{{ $value | humanize }}}} requests/s over 5m with HTTP 503 "
+              f"on {{{{ $labels.model }}}} because vLLM's queue limit is reached "
+              f"(--max-num-queued-reqs / --max-num-queued-tokens; alert above "
+              f"{t['admission_rejections_per_second']:g}/s).",
+              signal={"rate": "vllm_admission_rejections_total", "window": "5m",
+                      "without": ["reason"]},
+              above=t["admission_rejections_per_second"]),
+        _rule("VllmRequestsWaitingOnKvTransfer", "threshold", "5m", "critical",
+              "Requests wait on KV transfers on {{ $labels.model }}",
+              f"{{{{ $value }}}} requests wait for their KV cache from a KV connector on "
+              f"{on_model} (alert above {t['kv_transfer_waiting_requests']:g} for 5m).",
+              signal={"gauge": "vllm_requests_waiting_kv_fetch", "aggregate": "sum",
+                      "without": ["stage"]},
+              above=t["kv_transfer_waiting_requests"]),
+        _rule("VllmRequestsDeferred", "threshold", "10m", "warning",
+              "Requests are held back on {{ $labels.model }}",
+              f"{{{{ $value }}}} waiting requests are deferred (LoRA budget, structured-output "
+              f"grammar, KV transfer) rather than waiting for capacity on {on_model} (alert "
+              f"above {t['deferred_requests']:g} for 10m).",
+              signal={"gauge": "vllm_requests_waiting_by_reason",
+                      "match": {"reason": "deferred"}, "without": ["reason"]},
+              above=t["deferred_requests"]),
+        _rule("VllmSpecDecodeLowAcceptance", "threshold", "15m", "warning",
+              "Speculative decoding stopped paying off on {{ $labels.model }}",
+              f"Only {{{{ $value | humanizePercentage }}}} of draft tokens were accepted over "
+              f"10m on {on_model} (alert below {t['spec_decode_acceptance_ratio'] * 100:g} % "
+              f"for 15m, with at least {t['min_draft_token_rate']:g} draft tokens/s): "
+              f"verifying the drafts may cost more than the accepted tokens save.",
+              signal={"ratio": {"numerator": {"metric": "vllm_spec_decode_accepted_tokens_total"},
+                                "denominator": {"metric":
+                                                "vllm_spec_decode_draft_tokens_total"}},
+                      "window": "10m"},
+              below=t["spec_decode_acceptance_ratio"], min_rate=t["min_draft_token_rate"]),
         _rule("VllmHighErrorRatio", "threshold", "5m", "warning",
               "Requests fail on {{ $labels.model }}",
               f"{{{{ $value | humanizePercentage }}}} of requests finished with an error or "

@@ -90,10 +90,13 @@ class AlertingService:
             self.generator_url = f"http://{self.config.metrics.host}:{port}"
         self.generator_url = self.generator_url.rstrip("/") + "/alerts"
         if am.urls:
+            port = hooks.metrics_port if hooks.metrics_port is not None \
+                else self.config.metrics.port
             self.client = AlertmanagerClient(am, SendCounters(
                 sent=lambda url, n: self.sent.labels(url).inc(n),
                 failed=lambda url, n: self.failed.labels(url).inc(n),
-                dropped=lambda url, n: self.dropped.labels(url).inc(n)))
+                dropped=lambda url, n: self.dropped.labels(url).inc(n)),
+                replica_labels=self.config.alerts.replica_labels(port))
             for url in am.urls:
                 for family in (self.sent, self.failed, self.dropped, self.queue_length):
                     family.labels(url)

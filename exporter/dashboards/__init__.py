@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from . import engine, gpu, health, overview
+from . import engine, fleet, gpu, health, overview
 from .grafana import Dashboard, render
 
-BUILDERS = (overview.dashboard, engine.dashboard, gpu.dashboard, health.dashboard)
+BUILDERS = (overview.dashboard, engine.dashboard, gpu.dashboard, health.dashboard,
+            fleet.dashboard)
 
 
 def dashboards() -> list[Dashboard]:

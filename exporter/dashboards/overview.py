@@ -1,4 +1,4 @@
-"""Overview: traffic, latency percentiles and heatmaps, SLOs, alerts firing."""
+"""Overview: traffic, latency percentiles and heatmaps, SLOs, alerts firing, tuning advice."""
 
 from __future__ import annotations
 
@@ -123,11 +123,58 @@ def _slo_increase(result: str | None) -> str:
                   increase("vllm_slo_requests_total", ENGINE, *extra, window="$__range"))
 
 
+ADVICE_KEY = "job, instance, model, rule, parameter"
+ADVICE_LABELS = "action, throughput, latency, memory, confidence"
+# The suggested value with the advice's labels; one row reading rule="none" while every rule is
+# silent (a table with no rows cannot tell "no advice" from "no advisor").
+CURRENT_ADVICE = (f"({sel('vllm_advice_suggested_value', ENGINE)} * on({ADVICE_KEY}) "
+                  f"group_left({ADVICE_LABELS}) {sel('vllm_advice_info', ENGINE)}) "
+                  'or on() label_replace(vector(0), "rule", "none", "", "")')
+DAY = 86400  # time-to-saturation panels cap +Inf ("not growing") at one day
+
+
+def _advice() -> Row:
+    return Row("Tuning advice (never applied)", [
+        stat("Advice now", "Pieces of tuning advice the daemons give now "
+             "(vllm_advice_info). Details and evidence: the daemon's /advice page or "
+             "`vllm-exporter advise`.", "short",
+             [Target(f"count({sel('vllm_advice_info', ENGINE)}) or vector(0)", "advice")],
+             width=4, thresholds=[(None, "green"), (1, "yellow")]),
+        table("Current advice", "Each piece of advice: the engine setting (parameter), the "
+              "action, the expected effect on throughput, latency and memory, the confidence, "
+              "and the suggested value (Value). The current value is "
+              "vllm_advice_current_value; nothing is applied automatically. A row with rule "
+              "none: every rule is silent.", [Target(CURRENT_ADVICE, instant=True,
+                                                     format="table")],
+              width=20, height=6, hide=("Time", "__name__", "job")),
+        timeseries("Rules with advice", "1 while a rule of advice speaks for the model "
+                   "(vllm_advice_rule_active), per rule.", "short",
+                   [Target(sum_by(("rule",), sel("vllm_advice_rule_active", ENGINE)),
+                           "{{rule}}")], width=8, stack=True),
+        timeseries("KV-cache headroom", "KV-cache tokens left now, and how many requests of "
+                   "the advisor window's mean context they hold.", "short", [
+                       Target(sum_by(("model",), sel("vllm_forecast_kv_cache_headroom_tokens",
+                                                      ENGINE)), "tokens {{model}}"),
+                       Target(sum_by(("model",), sel("vllm_forecast_kv_cache_headroom_requests",
+                                                      ENGINE)), "requests {{model}}")],
+                   width=8),
+        timeseries("Time to saturation", "At the growth over the advisor's window: seconds "
+                   "until the KV cache is full and until the running batch reaches "
+                   "max_num_seqs (then requests queue). 0: saturated now; capped at one day "
+                   "(not growing).", "s", [
+                       Target(f"clamp_max({sel('vllm_forecast_kv_cache_full_seconds', ENGINE)}, "
+                              f"{DAY})", "KV cache {{model}}"),
+                       Target(f"clamp_max({sel('vllm_forecast_batch_full_seconds', ENGINE)}, "
+                              f"{DAY})", "batch {{model}}")], width=8),
+    ])
+
+
 def dashboard() -> Dashboard:
     return Dashboard(
         uid="vllm-exporter-overview", title="vLLM / Overview",
-        description="Traffic, latency, SLOs and alerts of the vLLM engines vllm-exporter runs.",
-        rows=[_traffic(), _latency(), _slos()],
+        description="Traffic, latency, SLOs, alerts and tuning advice of the vLLM engines "
+                    "vllm-exporter runs.",
+        rows=[_traffic(), _latency(), _slos(), _advice()],
         variables=scope_variables("vllm_exporter_build_info") + [model_variable()]
         + slo_variables(),
         file_name="overview.json")

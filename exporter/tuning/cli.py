@@ -83,6 +83,19 @@ def add_tuning_parsers(sub) -> None:
                       help="average prompt+output tokens per sequence (max_model_len / 2)")
     plan.add_argument("--daemon", metavar="METRICS_URL",
                       help="compare with the engine of the daemon exporting here")
+    plan.add_argument("--speculative-method",
+                      help="plan speculative decoding: ngram, eagle, eagle3, mtp, draft_model "
+                           "(with --daemon: the engine's)")
+    plan.add_argument("--num-speculative-tokens", type=int,
+                      help="draft tokens per step (with --daemon: the engine's)")
+    plan.add_argument("--draft-model", metavar="DIR",
+                      help="the draft model or EAGLE head directory, to size its KV and weights")
+    plan.add_argument("--no-prefix-caching", action="store_true",
+                      help="plan without prefix caching (vLLM's default is on; with --daemon: "
+                           "the engine's)")
+    plan.add_argument("--shared-prefix-len", type=int,
+                      help="prompt tokens that requests share (a system prompt): what prefix "
+                           "caching saves")
     _add_output_flags(plan, progress=False)
     plan.set_defaults(tuning_handler=_run_plan)
 
@@ -272,7 +285,8 @@ def _run_plan(args) -> int:
         overhead_bytes=int(args.overhead_gib * GiB),
         weights_bytes=int(args.weights_gib * GiB) if args.weights_gib else None,
         dtype=dtype, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
-        max_model_len=max_model_len, avg_context_len=args.avg_context_len)
+        max_model_len=max_model_len, avg_context_len=args.avg_context_len,
+        **_speculation_and_prefix(args, running))
     if engine is not None:
         plan["daemon"] = compare(plan, engine)
     if args.json:
@@ -280,6 +294,23 @@ def _run_plan(args) -> int:
     else:
         print(format_plan(plan))
     return 0 if plan["fits"] else 1
+
+
+def _speculation_and_prefix(args, running: dict) -> dict:
+    """make_plan's speculative-decoding and prefix-cache arguments: the flags, else what the
+    daemon's engine runs with (its vllm_engine_config_info labels)."""
+    method = args.speculative_method or (running.get("speculative_method") or None)
+    if method == "none":
+        method = None
+    tokens = args.num_speculative_tokens
+    if tokens is None:
+        tokens = _int_or_none(running.get("num_speculative_tokens")) or 0
+    if tokens < 0 or (args.shared_prefix_len is not None and args.shared_prefix_len < 0):
+        raise UsageError("--num-speculative-tokens and --shared-prefix-len must be >= 0")
+    prefix = not args.no_prefix_caching and running.get("enable_prefix_caching") != "false"
+    return {"speculative_method": method, "num_speculative_tokens": tokens,
+            "draft_model_dir": args.draft_model, "enable_prefix_caching": prefix,
+            "shared_prefix_len": args.shared_prefix_len}
 
 
 def _int_or_none(text: str | None) -> int | None:

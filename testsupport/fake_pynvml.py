@@ -6,7 +6,7 @@ the collector cannot tell it from the real thing. Tests steer it: `lose_gpu`, `r
 `fail`, `set_processes`, `emit_xid`, `library_present`. Every API call is logged in `calls`.
 
 Run as a script on a GPU machine to make a recording:
-    python3 tests/fake_pynvml.py --record tests/data/nvml_h200.json
+    python3 -m testsupport.fake_pynvml --record tests/data/nvml_h200.json
 Each recorded call is keyed by its function name and its numeric arguments after the handle
 ("nvmlDeviceGetClockInfo:1" is the SM clock); a call that failed holds the exception's class name.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import pynvml
 
-DEFAULT_RECORDING = Path(__file__).parent / "data" / "nvml_h200.json"
+DEFAULT_RECORDING = Path(__file__).resolve().parent.parent / "tests" / "data" / "nvml_h200.json"
 
 
 def load_recording(path: str | Path = DEFAULT_RECORDING) -> dict:
