@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 MODEL_VERSION = "v1"  # bump when the shape or tokenizer changes, so caches rebuild
 SERVED_NAME = "vllm-exporter-default"
@@ -37,14 +38,19 @@ def cache_dir() -> Path:
 
 
 def ensure_default_model() -> Path:
-    """The cached model directory, built first if missing (atomic: built aside, then renamed)."""
-    target = cache_dir()
+    """The cached model directory, built first if missing."""
+    return build_once(cache_dir(), _build)
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, made by `build(folder)` first if missing (atomic: built aside, then renamed,
+    so concurrent callers never see half a model)."""
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        _build(staging)
+        build(staging)
         try:
             staging.rename(target)
         except OSError:  # another process finished first; theirs is as good as ours

@@ -329,10 +329,11 @@ def test_client_aborts_are_counted_and_timed_in_plugin_mode(live):
     assert s.get("vllm_requests_aborted_total", model=MODEL) >= 1
     count = s.get("vllm_aborted_request_duration_seconds_count", model=MODEL)
     assert count == s.get("vllm_requests_aborted_total", model=MODEL)
-    # The client waited `abort_seconds` before it gave up: the request was in the engine at
-    # least that long (and not minutes).
+    # The client waited `abort_seconds` before it gave up: the request was in the engine about
+    # that long (and not minutes). vLLM stamps its arrival once the HTTP request is parsed,
+    # a few milliseconds after the client's clock started, hence the 0.1 s of slack.
     mean = s.get("vllm_aborted_request_duration_seconds_sum", model=MODEL) / count
-    assert live.abort_seconds <= mean < 30
+    assert live.abort_seconds - 0.1 <= mean < 30
 
 
 @pytest.mark.engine

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from exporter.default_model import cache_dir, ensure_default_model
+from exporter.default_model import build_once, cache_dir, ensure_default_model
 
 MODEL_VERSION = "v1"  # bump when the shape changes, so caches rebuild
 SHIM_DIR = Path(__file__).resolve().parent / "moe_dp"
@@ -26,22 +25,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def ensure_moe_model() -> Path:
-    """The cached model directory, built first if missing (built aside, then renamed)."""
-    target = cache_dir().parent / f"moe-model-{MODEL_VERSION}"
-    if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-moe-", dir=target.parent))
-    try:
-        build_moe_model(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    """The cached model directory, built first if missing."""
+    return build_once(cache_dir().parent / f"moe-model-{MODEL_VERSION}", build_moe_model)
 
 
 def moe_data_parallel_env(env: dict[str, str]) -> dict[str, str]:
