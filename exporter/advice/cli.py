@@ -18,10 +18,10 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
 
 from .advisor import Advisor, results_json
 from .config import AdviceConfig
+from ..tuning.daemon_view import Snapshot
 from .readings import Reading, read
 
 EPILOG = """examples:
@@ -113,11 +113,7 @@ def scrape_reading(url: str) -> Reading:
     status, body = _get(url)
     if status != 200:
         raise SourceError(f"{url} answered {status}")
-    now = time.time()
-    samples = ((s.name, s.labels, s.value)
-               for family in text_string_to_metric_families(body.decode())
-               for s in family.samples)
-    return read(now, samples)
+    return read(time.time(), Snapshot(body.decode()).all_samples())
 
 
 def sample_daemon(url: str, seconds: float, interval: float, min_requests: int,

@@ -13,6 +13,7 @@ import math
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from typing import Iterator
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -51,6 +52,12 @@ class Snapshot:
 
     def has(self, name: str) -> bool:
         return name in self.samples
+
+    def all_samples(self) -> Iterator[tuple[str, dict, float]]:
+        """Every sample as (name, labels, value)."""
+        for name, pairs in self.samples.items():
+            for labels, value in pairs:
+                yield name, labels, value
 
     def labels_of(self, name: str) -> list[dict]:
         return [l for l, _ in self.samples.get(name, [])]
