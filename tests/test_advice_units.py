@@ -323,6 +323,183 @@ def test_no_knee_while_throughput_scales_or_never_scaled_or_too_few_sizes():
     assert batch_knee.evaluate(knee_engine(knee_at_limit, max_num_seqs=4).window(), S) == []
 
 
+# --- the evidence of every piece of advice -----------------------------------------------------
+
+def without(e: Engine, *families: str) -> Engine:
+    """The engine's readings as an exporter that never saw these families reads them."""
+    for r in e.readings:
+        for m in r.models.values():
+            for name in [n for n in m.values if n.startswith(families)]:
+                del m.values[name]
+    return e
+
+
+def pressed(e: Engine) -> Engine:
+    for _ in range(10):
+        e.step(running=20, waiting=5, kv=0.98, finished=5, preempted=2, prompt=300, generated=200)
+    return e
+
+
+def short_of_kv(e: Engine) -> Engine:
+    for _ in range(10):
+        e.step(running=16, kv=0.99, finished=5, preempted=1, prompt=3000, generated=1000)
+    return e
+
+
+def batch_limited(e: Engine) -> Engine:
+    for _ in range(10):
+        e.step(running=32, waiting=40, kv=0.05, finished=10, queue=0.8, ttft=1.0)
+    return e
+
+
+def prefill_bound(e: Engine) -> Engine:
+    for _ in range(10):
+        e.step(running=4, kv=0.2, finished=10, prompt=1000, ttft=0.5, queue=0.02, prefill=0.45)
+    return e
+
+
+def speculating(accepted: float) -> Engine:
+    e = Engine(num_speculative_tokens=4, speculative_method="ngram")
+    for _ in range(10):
+        e.step(running=4, finished=10, drafted=400, accepted=accepted, drafts=100)
+    return e
+
+
+def queued(e: Engine) -> Engine:
+    for _ in range(10):
+        e.step(running=12, waiting=24, kv=0.95, finished=10, ttft=2.0, queue=1.8, prefill=0.1)
+    return e
+
+
+def caching(e: Engine) -> Engine:
+    for _ in range(10):
+        e.step(running=16, kv=0.97, finished=10, preempted=1, queries=3000, hits=1500)
+    return e
+
+
+KNEE = [(1, 100, 0.010), (2, 190, 0.0105), (4, 360, 0.011), (8, 380, 0.021), (16, 385, 0.041)]
+EVIDENCE_CASES = {
+    "kv_pressure decrease": (kv_pressure, lambda: pressed(Engine(capacity=10_000))),
+    "kv_pressure decrease, two ranks": (
+        kv_pressure, lambda: short_of_kv(Engine(max_num_seqs=16, data_parallel_size=2))),
+    "kv_pressure memory": (kv_pressure, lambda: short_of_kv(Engine(max_num_seqs=16))),
+    "kv_pressure memory, no lengths": (kv_pressure, lambda: without(
+        pressed(Engine(capacity=10_000)), "vllm_request_prompt_tokens",
+        "vllm_request_generation_tokens")),
+    "kv_headroom, two ranks": (kv_headroom, lambda: batch_limited(
+        Engine(capacity=1_000_000, max_num_seqs=16, data_parallel_size=2))),
+    "ttft_split replicas": (ttft_split, lambda: queued(Engine(capacity=10_000))),
+    "ttft_split step budget": (ttft_split,
+                               lambda: prefill_bound(Engine(max_num_batched_tokens=512))),
+    "ttft_split step budget, no queue time": (ttft_split, lambda: without(
+        prefill_bound(Engine(max_num_batched_tokens=512)), "vllm_request_queue_time_seconds")),
+    "prefix_cache off": (prefix_cache,
+                         lambda: prefill_bound(Engine(enable_prefix_caching=False))),
+    "prefix_cache on": (prefix_cache, lambda: caching(Engine(max_num_seqs=16))),
+    "spec_decode disable": (spec_decode, lambda: speculating(20)),
+    "spec_decode decrease": (spec_decode, lambda: speculating(80)),
+    "gpu_memory": (gpu_memory, lambda: short_of_kv(Engine(max_num_seqs=16, gpus=gpus(16)))),
+    "batch_knee": (batch_knee, lambda: knee_engine(KNEE)),
+}
+# Each case: the evidence of each piece of advice, as (series, value, window, note).
+CONTEXT = "vllm_request_prompt_tokens + vllm_request_generation_tokens"
+PER_CONTEXT = "mean context per finished request"
+ACCEPTANCE = "vllm_spec_decode_accepted_tokens_total / vllm_spec_decode_draft_tokens_total"
+PER_DRAFT = "vllm_spec_decode_accepted_tokens_total / vllm_spec_decode_drafts_total"
+KNEE_TPS, KNEE_ITL = "rate(vllm_generation_tokens_total)", "vllm_inter_token_latency_seconds"
+EXPECTED_EVIDENCE = {
+    "kv_pressure decrease": [[
+        ("vllm_preemptions_total", 20, 50.0, "increase"),
+        ("vllm_requests_finished_total", 50, 50.0, "increase"),
+        ("vllm_kv_cache_usage_ratio", 0.98, 50.0, "peak"),
+        ("vllm_kv_cache_capacity_tokens", 10000, 0, "per engine rank"),
+        (CONTEXT, 500, 50.0, PER_CONTEXT)]],
+    "kv_pressure decrease, two ranks": [[
+        ("vllm_preemptions_total", 10, 50.0, "increase"),
+        ("vllm_requests_finished_total", 50, 50.0, "increase"),
+        ("vllm_kv_cache_usage_ratio", 0.99, 50.0, "peak"),
+        ("vllm_kv_cache_capacity_tokens", 50000, 0, "per engine rank"),
+        (CONTEXT, 4000, 50.0, PER_CONTEXT)]],
+    "kv_pressure memory": [[
+        ("vllm_preemptions_total", 10, 50.0, "increase"),
+        ("vllm_requests_finished_total", 50, 50.0, "increase"),
+        ("vllm_kv_cache_usage_ratio", 0.99, 50.0, "peak"),
+        ("vllm_kv_cache_capacity_tokens", 100000, 0, "per engine rank"),
+        (CONTEXT, 4000, 50.0, PER_CONTEXT)]],
+    "kv_pressure memory, no lengths": [[
+        ("vllm_preemptions_total", 20, 50.0, "increase"),
+        ("vllm_requests_finished_total", 50, 50.0, "increase"),
+        ("vllm_kv_cache_usage_ratio", 0.98, 50.0, "peak"),
+        ("vllm_kv_cache_capacity_tokens", 10000, 0, "per engine rank")]],
+    "kv_headroom, two ranks": [[
+        ("vllm_requests_running", 32, 50.0, "peak"),
+        ("vllm_requests_waiting", 40, 50.0, "peak"),
+        ("vllm_kv_cache_usage_ratio", 0.05, 50.0, "peak"),
+        ("vllm_request_queue_time_seconds", 0.8, 50.0, "mean"),
+        ("vllm_kv_cache_capacity_tokens", 500000, 0, "per engine rank"),
+        (CONTEXT, 300, 50.0, PER_CONTEXT)]],
+    "ttft_split replicas": [[
+        ("vllm_time_to_first_token_seconds", 2, 50.0, "mean"),
+        ("vllm_request_queue_time_seconds", 1.8, 50.0, "mean"),
+        ("vllm_request_prefill_time_seconds", 0.1, 50.0, "mean"),
+        ("vllm_requests_running", 12, 50.0, "peak"),
+        ("vllm_requests_running + vllm_requests_waiting", 36, 50.0, "peak")]],
+    "ttft_split step budget": [[
+        ("vllm_time_to_first_token_seconds", 0.5, 50.0, "mean"),
+        ("vllm_request_queue_time_seconds", 0.02, 50.0, "mean"),
+        ("vllm_request_prefill_time_seconds", 0.45, 50.0, "mean"),
+        ("vllm_request_prompt_tokens", 1000, 50.0, "mean")]],
+    "ttft_split step budget, no queue time": [[
+        ("vllm_time_to_first_token_seconds", 0.5, 50.0, "mean"),
+        ("vllm_request_queue_time_seconds", 0, 50.0, "mean"),  # absent: stated as 0
+        ("vllm_request_prefill_time_seconds", 0.45, 50.0, "mean"),
+        ("vllm_request_prompt_tokens", 1000, 50.0, "mean")]],
+    "prefix_cache off": [[
+        ("vllm_time_to_first_token_seconds", 0.5, 50.0, "mean"),
+        ("vllm_request_prefill_time_seconds", 0.45, 50.0, "mean")]],
+    "prefix_cache on": [[
+        ("vllm_prefix_cache_hits_total / vllm_prefix_cache_queries_total", 0.5, 50.0,
+         "hit ratio"),
+        ("vllm_prefix_cache_queries_total", 30000, 50.0, "increase"),
+        ("vllm_kv_cache_usage_ratio", 0.97, 50.0, "peak"),
+        ("vllm_preemptions_total", 10, 50.0, "increase")]],
+    "spec_decode disable": [[
+        (ACCEPTANCE, 0.05, 50.0, "acceptance rate"),
+        ("vllm_spec_decode_draft_tokens_total", 4000, 50.0, "increase"),
+        (PER_DRAFT, 0.2, 50.0, "accepted tokens per draft")]],
+    "spec_decode decrease": [[
+        (ACCEPTANCE, 0.2, 50.0, "acceptance rate"),
+        ("vllm_spec_decode_draft_tokens_total", 4000, 50.0, "increase"),
+        (PER_DRAFT, 0.8, 50.0, "accepted tokens per draft")]],
+    "gpu_memory": [[
+        ("vllm_gpu_memory_free_bytes / vllm_gpu_memory_total_bytes", 0.2, 0,
+         "the engine's tightest GPU"),
+        ("vllm_kv_cache_usage_ratio", 0.99, 50.0, "peak"),
+        ("vllm_preemptions_total", 10, 50.0, "increase")]],
+    "batch_knee": [[
+        (KNEE_TPS + " at batch <= 4", 360, 100.0, "median over sample intervals"),
+        (KNEE_TPS + " at batch <= 16", 385, 100.0, "median over sample intervals"),
+        (KNEE_ITL + " at batch <= 4", 0.011, 100.0, "median of interval means"),
+        (KNEE_ITL + " at batch <= 16", 0.041, 100.0, "median of interval means")]],
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVIDENCE_CASES))
+def test_every_piece_of_advice_states_its_evidence(case):
+    """Series, value (as /advice writes it), window and note of each piece of evidence: the
+    /advice page and `advise` print exactly these."""
+    rule, engine = EVIDENCE_CASES[case]
+    advice = rule.evaluate(engine().window(), S)
+    stated = [[(x["series"], x["value"], x["window_seconds"], x.get("note", ""))
+               for x in a.to_json()["evidence"]] for a in advice]
+    assert stated == EXPECTED_EVIDENCE[case]
+
+
+def test_the_evidence_of_every_rule_is_pinned():
+    assert {rule.NAME for rule, _ in EVIDENCE_CASES.values()} == set(RULE_NAMES)
+    assert set(EVIDENCE_CASES) == set(EXPECTED_EVIDENCE)
+
+
 # --- forecast and energy -----------------------------------------------------------------------
 
 def test_forecast_extrapolates_the_window_growth():

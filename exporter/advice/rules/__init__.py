@@ -1,5 +1,6 @@
 """The rules of advice: one module per rule, each with NAME and
-`evaluate(window, settings) -> list[Advice]` (readings.Window, config.AdviceConfig).
+`evaluate(window, settings) -> list[Advice]` (readings.Window, config.AdviceConfig). What
+several rules share: common.py (sizing, limits) and evidence.py (the evidence they state).
 
 A rule is silent unless its evidence is in the window: a false piece of advice is a bug, like
 a false page.

@@ -64,11 +64,15 @@ def evaluate(w: Window, s: AdviceConfig) -> list[Advice]:
         summary=(f"decode throughput stops growing at a batch of {bound}: {tps:,.0f} tok/s "
                  f"there, {top_tps:,.0f} tok/s at up to {top_bound}, while inter-token latency "
                  f"grows from {itl * 1000:,.1f} ms to {top_itl * 1000:,.1f} ms"),
-        evidence=(Evidence("rate(vllm_generation_tokens_total) at batch <= %d" % bound, tps,
-                           w.seconds, "median over sample intervals"),
-                  Evidence("rate(vllm_generation_tokens_total) at batch <= %d" % top_bound,
-                           top_tps, w.seconds, "median over sample intervals"),
-                  Evidence("vllm_inter_token_latency_seconds at batch <= %d" % bound, itl,
-                           w.seconds, "median of interval means"),
-                  Evidence("vllm_inter_token_latency_seconds at batch <= %d" % top_bound,
-                           top_itl, w.seconds, "median of interval means")))]
+        evidence=(_throughput_at(w, bound, tps), _throughput_at(w, top_bound, top_tps),
+                  _itl_at(w, bound, itl), _itl_at(w, top_bound, top_itl)))]
+
+
+def _throughput_at(w: Window, bound: int, tps: float) -> Evidence:
+    return Evidence("rate(vllm_generation_tokens_total) at batch <= %d" % bound, tps,
+                    w.seconds, "median over sample intervals")
+
+
+def _itl_at(w: Window, bound: int, itl: float) -> Evidence:
+    return Evidence("vllm_inter_token_latency_seconds at batch <= %d" % bound, itl,
+                    w.seconds, "median of interval means")

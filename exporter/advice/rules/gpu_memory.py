@@ -17,6 +17,7 @@ from ..config import AdviceConfig
 from ..model import Advice, Evidence
 from ..readings import Window
 from .common import preempting
+from .evidence import peak_kv_usage, preemptions
 
 NAME = "gpu_memory_unused"
 
@@ -43,6 +44,4 @@ def evaluate(w: Window, s: AdviceConfig) -> list[Advice]:
                  "gpu_memory_utilization turns it into KV cache"),
         evidence=(Evidence("vllm_gpu_memory_free_bytes / vllm_gpu_memory_total_bytes", free, 0,
                            "the engine's tightest GPU"),
-                  Evidence("vllm_kv_cache_usage_ratio", w.peak("kv_usage"), w.seconds, "peak"),
-                  Evidence("vllm_preemptions_total", w.delta("vllm_preemptions_total"),
-                           w.seconds, "increase")))]
+                  peak_kv_usage(w), preemptions(w)))]

@@ -14,6 +14,7 @@ from ..config import AdviceConfig
 from ..model import Advice, Evidence
 from ..readings import Window
 from .common import batch_limit, peak_demand, ranks, round_up_8, seqs_that_fit
+from .evidence import capacity_per_rank, mean_context, mean_of, peak_kv_usage, peak_running
 
 NAME = "kv_cache_headroom"
 
@@ -41,11 +42,10 @@ def evaluate(w: Window, s: AdviceConfig) -> list[Advice]:
                  f"{w.peak('kv_usage'):.0%}: {suggested} sequences of {context:,.0f} tokens "
                  f"fit (TTFT down, inter-token latency up with the bigger batch)"),
         evidence=(
-            Evidence("vllm_requests_running", w.peak("running"), w.seconds, "peak"),
+            peak_running(w),
             Evidence("vllm_requests_waiting", w.peak("waiting"), w.seconds, "peak"),
-            Evidence("vllm_kv_cache_usage_ratio", w.peak("kv_usage"), w.seconds, "peak"),
-            Evidence("vllm_request_queue_time_seconds", queue, w.seconds, "mean"),
-            Evidence("vllm_kv_cache_capacity_tokens", per_rank, 0, "per engine rank"),
-            Evidence("vllm_request_prompt_tokens + vllm_request_generation_tokens", context,
-                     w.seconds, "mean context per finished request"),
+            peak_kv_usage(w),
+            mean_of(w, "vllm_request_queue_time_seconds", queue),
+            capacity_per_rank(per_rank),
+            mean_context(w, context),
         ))]

@@ -15,6 +15,7 @@ from ..config import AdviceConfig
 from ..model import Advice, Evidence
 from ..readings import Window
 from .common import preempting, ranks, seqs_that_fit
+from .evidence import capacity_per_rank, mean_context, peak_kv_usage, preemptions
 
 NAME = "kv_cache_pressure"
 
@@ -28,17 +29,16 @@ def evaluate(w: Window, s: AdviceConfig) -> list[Advice]:
     context = w.mean_context_tokens()
     capacity = w.latest.capacity_tokens / ranks(w)
     evidence = (
-        Evidence("vllm_preemptions_total", preempted, w.seconds, "increase"),
+        preemptions(w),
         Evidence("vllm_requests_finished_total", finished, w.seconds, "increase"),
-        Evidence("vllm_kv_cache_usage_ratio", peak, w.seconds, "peak"),
-        Evidence("vllm_kv_cache_capacity_tokens", capacity, 0, "per engine rank"),
+        peak_kv_usage(w),
+        capacity_per_rank(capacity),
     )
     current = w.setting("max_num_seqs")
     strong = preempted >= 0.1 * finished and peak >= s.kv_saturated_ratio
     if context and capacity > 0 and current:
         fit = seqs_that_fit(capacity, context)
-        evidence += (Evidence("vllm_request_prompt_tokens + vllm_request_generation_tokens",
-                              context, w.seconds, "mean context per finished request"),)
+        evidence += (mean_context(w, context),)
         if fit < current:
             return [Advice(
                 w.model, NAME, "max_num_seqs", "decrease", current, fit,

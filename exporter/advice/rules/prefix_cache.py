@@ -15,6 +15,7 @@ from ..config import AdviceConfig
 from ..model import Advice, Evidence
 from ..readings import Window
 from .common import preempting
+from .evidence import mean_of, peak_kv_usage, preemptions
 
 NAME = "prefix_cache"
 
@@ -42,8 +43,8 @@ def _off(w: Window, s: AdviceConfig) -> list[Advice]:
         summary=(f"prefix caching is off and {prefill / ttft:.0%} of the mean TTFT "
                  f"({ttft * 1000:,.0f} ms) is prefill: if prompts share prefixes (system prompts, "
                  "conversation history), caching skips their prefill"),
-        evidence=(Evidence("vllm_time_to_first_token_seconds", ttft, w.seconds, "mean"),
-                  Evidence("vllm_request_prefill_time_seconds", prefill, w.seconds, "mean")))]
+        evidence=(mean_of(w, "vllm_time_to_first_token_seconds", ttft),
+                  mean_of(w, "vllm_request_prefill_time_seconds", prefill)))]
 
 
 def _on(w: Window, s: AdviceConfig) -> list[Advice]:
@@ -63,6 +64,4 @@ def _on(w: Window, s: AdviceConfig) -> list[Advice]:
         evidence=(Evidence("vllm_prefix_cache_hits_total / vllm_prefix_cache_queries_total",
                            hits / queries, w.seconds, "hit ratio"),
                   Evidence("vllm_prefix_cache_queries_total", queries, w.seconds, "increase"),
-                  Evidence("vllm_kv_cache_usage_ratio", peak, w.seconds, "peak"),
-                  Evidence("vllm_preemptions_total", w.delta("vllm_preemptions_total"),
-                           w.seconds, "increase")))]
+                  peak_kv_usage(w), preemptions(w)))]

@@ -21,6 +21,7 @@ from ..config import AdviceConfig
 from ..model import Advice, Evidence
 from ..readings import Window
 from .common import batch_limit, peak_demand
+from .evidence import mean_of, peak_running
 
 NAME = "ttft_split"
 
@@ -31,9 +32,9 @@ def evaluate(w: Window, s: AdviceConfig) -> list[Advice]:
         return []
     queue = w.mean("vllm_request_queue_time_seconds") or 0.0
     prefill = w.mean("vllm_request_prefill_time_seconds") or 0.0
-    base = (Evidence("vllm_time_to_first_token_seconds", ttft, w.seconds, "mean"),
-            Evidence("vllm_request_queue_time_seconds", queue, w.seconds, "mean"),
-            Evidence("vllm_request_prefill_time_seconds", prefill, w.seconds, "mean"))
+    base = (mean_of(w, "vllm_time_to_first_token_seconds", ttft),
+            mean_of(w, "vllm_request_queue_time_seconds", queue),
+            mean_of(w, "vllm_request_prefill_time_seconds", prefill))
     if queue >= s.ttft_share * ttft:
         return _capacity(w, s, ttft, queue, base)
     if prefill >= s.ttft_share * ttft:
@@ -60,7 +61,7 @@ def _capacity(w: Window, s: AdviceConfig, ttft: float, queue: float,
         summary=(f"{queue / ttft:.0%} of the mean TTFT ({ttft * 1000:,.0f} ms) is queue time "
                  f"with the engine at capacity ({served:.0f} running, {demand:.0f} wanted): "
                  f"about {suggested} servers like this one would serve the peak without a queue"),
-        evidence=base + (Evidence("vllm_requests_running", served, w.seconds, "peak"),
+        evidence=base + (peak_running(w),
                          Evidence("vllm_requests_running + vllm_requests_waiting", demand,
                                   w.seconds, "peak")))]
 
@@ -80,4 +81,4 @@ def _step_budget(w: Window, ttft: float, prefill: float,
         summary=(f"{prefill / ttft:.0%} of the mean TTFT ({ttft * 1000:,.0f} ms) is prefill and "
                  f"the mean prompt ({prompt:,.0f} tokens) is more than half the step budget of "
                  f"{budget:,.0f} tokens: TTFT down, inter-token latency up while prompts prefill"),
-        evidence=base + (Evidence("vllm_request_prompt_tokens", prompt, w.seconds, "mean"),))]
+        evidence=base + (mean_of(w, "vllm_request_prompt_tokens", prompt),))]
