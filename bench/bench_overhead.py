@@ -30,6 +30,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -177,6 +178,7 @@ class Client:
         ttfts = [t for r in results for t in r["ttfts"]]
         return {"tok_s": sum(r["tokens"] for r in results) / elapsed,
                 "ttft_p50_ms": statistics.median(ttfts) * 1e3 if ttfts else float("nan"),
+                "ttfts_ms": [t * 1e3 for t in ttfts],
                 "failed": sum(r["failed"] for r in results)}
 
     def close(self) -> None:
@@ -206,6 +208,40 @@ def percentile(values: list[float], q: float) -> float:
     if not ordered:
         return float("nan")
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def median_ratio_interval(ours: list[float], theirs: list[float], draws: int = 2000,
+                          seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of median(ours) / median(theirs): each draw resamples both
+    pooled samples with replacement. Narrow where the pooled samples are large."""
+    rng = random.Random(seed)
+    ratios = sorted(statistics.median(rng.choices(ours, k=len(ours)))
+                    / statistics.median(rng.choices(theirs, k=len(theirs)))
+                    for _ in range(draws))
+    return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
+
+
+def print_ttft_pooled(results: dict[str, list[dict]]) -> dict:
+    """Client TTFT p50 over every counted request of all repetitions, per server, and the
+    ratio with its bootstrap interval and the per-repetition ratios (daemon rep i against
+    vLLM alone's rep i, run back to back). One repetition's median moves with the run's
+    wave pattern; the pooled median over thousands of requests does not."""
+    pooled = {name: [t for r in reps for t in r["ttfts_ms"]] for name, reps in results.items()}
+    ours, theirs = pooled["daemon"], pooled["vLLM alone"]
+    if not ours or not theirs:
+        return {}
+    ratio = statistics.median(ours) / statistics.median(theirs)
+    low, high = median_ratio_interval(ours, theirs)
+    paired = [a["ttft_p50_ms"] / b["ttft_p50_ms"]
+              for a, b in zip(results["daemon"], results["vLLM alone"])]
+    print(f"TTFT p50 pooled over all counted requests: daemon {statistics.median(ours):.1f} ms "
+          f"(n {len(ours)}), vLLM alone {statistics.median(theirs):.1f} ms (n {len(theirs)}); "
+          f"ratio {ratio:.4f}, 95 % bootstrap interval {low:.4f}-{high:.4f} (target within 1 %)")
+    print("per-rep TTFT p50 ratios (back-to-back pairs): "
+          + ", ".join(f"{r:.3f}" for r in paired)
+          + f"; median {statistics.median(paired):.4f}")
+    return {"ratio": ratio, "interval": [low, high], "paired": paired,
+            "n": [len(ours), len(theirs)]}
 
 
 def daemon_counters(metrics_url: str) -> dict[str, float]:
@@ -270,7 +306,8 @@ def main() -> None:
     parser.add_argument("--client-processes", type=int, default=1,
                         help="client processes sharing the load (use several on a GPU host)")
     parser.add_argument("--scrape-requests", type=int,
-                        help="requests of the load run under the scrapers (default --requests)")
+                        help="requests of the load run under the scrapers (default --requests; "
+                             "0: no scrape run)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
@@ -316,7 +353,12 @@ def main() -> None:
                   f"{medians['daemon'][0] / medians['vLLM alone'][0]:.4f} (target >= 0.995), "
                   f"TTFT p50 {medians['daemon'][1] / medians['vLLM alone'][1]:.4f} "
                   f"(target within 1 %)")
+            report.setdefault("ttft_pooled", {})[concurrency] = print_ttft_pooled(results)
 
+        if args.scrape_requests == 0:  # the load comparison only
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+            return
         # Scrape latency under the largest load, from processes of their own (a scraper
         # thread here would share the load generator's GIL), one per endpoint so that a slow
         # endpoint does not thin out the other's samples.
