@@ -190,8 +190,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
                "not running yet). Only on an engine that consumes KV transfers.",
                labels=ENGINE_LABELS + ("stage",), aggregate="latest",
                source="SchedulerStats.num_kv_fetch_reqs_by_stage (0.32-0.33; absent on "
-                      "0.26-0.31, and without kv_transfer_config as a KV consumer; no such "
-                      "connector runs in the CPU tests: unit-tested)"),
+                      "0.26-0.31, and without kv_transfer_config as a KV consumer; the CPU "
+                      "tests' ExampleConnector loads synchronously, so its stages stay 0, and "
+                      "the asynchronous connectors need CUDA/XPU or packages of their own: "
+                      "the stages are unit-tested)"),
     FamilySpec("vllm_admission_rejections_total", "counter",
                "Requests the API front end refused (HTTP 503) because a queue limit was "
                "reached, by reason: max_num_queued_reqs or max_num_queued_tokens (vLLM's "
@@ -221,13 +223,24 @@ FAMILIES: tuple[FamilySpec, ...] = (
                "Prompt tokens looked up in an external KV cache through a KV connector (only "
                "with a KV connector).",
                source="SchedulerStats.connector_prefix_cache_stats.queries (0.26-0.33; absent "
-                      "without kv_transfer_config; unit-tested: no KV connector in the CPU "
-                      "tests)"),
+                      "without kv_transfer_config; tested against vLLM's own figures with "
+                      "vLLM's ExampleConnector on the CPU build)"),
     FamilySpec("vllm_external_prefix_cache_hits_total", "counter",
                "Prompt tokens found in an external KV cache through a KV connector (only with "
                "a KV connector).",
                source="SchedulerStats.connector_prefix_cache_stats.hits (0.26-0.33; absent without "
-                      "kv_transfer_config; unit-tested: no KV connector in the CPU tests)"),
+                      "kv_transfer_config; tested against vLLM's own figures with vLLM's "
+                      "ExampleConnector on the CPU build)"),
+    FamilySpec("vllm_prefix_cache_hits_by_tier_total", "counter",
+               "Cached prompt tokens by the cache tier that held them (only with a KV "
+               "connector): device (the local prefix cache; equals vllm_prefix_cache_hits_total), "
+               "host, disk, p2p (another vLLM instance) or external_unspecified (a connector "
+               "that does not say). The tiers other than device add up to "
+               "vllm_external_prefix_cache_hits_total.",
+               labels=ENGINE_LABELS + ("tier",),
+               source="SchedulerStats.prefix_cache_stats.hits (device) and "
+                      "connector_prefix_cache_stats.hits_by_source (0.32+; absent without "
+                      "kv_transfer_config; with an older vLLM only the device tier moves)"),
     # --- speculative decoding (only with a speculative_config) ------------------------------
     FamilySpec("vllm_spec_decode_drafts_total", "counter",
                "Speculative-decoding drafts: one per request per step that proposed draft "
@@ -397,6 +410,7 @@ CONDITIONAL_FAMILIES: dict[str, str] = {
     "vllm_requests_waiting_kv_fetch": "no KV-transfer consumer (kv_transfer_config)",
     "vllm_external_prefix_cache_queries_total": "no KV connector (kv_transfer_config)",
     "vllm_external_prefix_cache_hits_total": "no KV connector (kv_transfer_config)",
+    "vllm_prefix_cache_hits_by_tier_total": "no KV connector (kv_transfer_config)",
     "vllm_admission_rejections_total": "vLLM 0.32+ only",
 }
 

@@ -31,9 +31,18 @@ WAITING_REASONS = ("capacity", "deferred")
 KV_FETCH_STAGES = ("waiting_to_start", "in_progress", "completed_waiting")
 ADMISSION_REASONS = ("max_num_queued_reqs", "max_num_queued_tokens")
 PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+# vLLM's CacheHitSource values (0.32+): where cached prompt tokens' KV came from. A tier a later
+# vLLM adds counts under OTHER.
+CACHE_TIERS = ("device", "host", "p2p", "disk", "external_unspecified")
 # record_sleep_state(sleep=1, level) -> the state; awake is sleep=0.
 SLEEP_STATES = ("awake", "kv_cache_released", "weights_offloaded", "discard_all")
 SLEEP_LEVELS = {0: "kv_cache_released", 1: "weights_offloaded", 2: "discard_all"}
+# The output-health canary (advice/canary.py) sends `X-Request-Id: <header prefix><n>`; vLLM's
+# completions endpoint makes that the request id `cmpl-<header>-<prompt index>`, which
+# FinishedRequestStats.request_id carries (0.26 .. 0.34). Such requests are left out of the
+# per-request families (_record_finished); the step-level ones cannot tell them apart.
+CANARY_REQUEST_HEADER_PREFIX = "vllm-exporter-canary-"
+CANARY_REQUEST_ID_PREFIX = "cmpl-" + CANARY_REQUEST_HEADER_PREFIX
 # Draft positions that get their own `position` label (num_speculative_tokens is rarely above
 # 10); later positions count under position="other".
 MAX_SPEC_POSITIONS = 32
@@ -109,7 +118,8 @@ class _EngineChildren:
         self.residency: tuple[Any, Any, Any] | None = None  # lifetime, idle, reuse gap
         self.perf: tuple[Any, Any, Any] | None = None  # flops, read bytes, write bytes
         self.kv_fetch: tuple[Any, ...] | None = None  # per KV_FETCH_STAGES, then "other"
-        self.external: tuple[Any, Any] | None = None  # queries, hits
+        # queries, hits, the device tier's hits, {CacheHitSource: hits child}
+        self.external: tuple[Any, Any, Any, dict] | None = None
         objectives = tuple(objectives)
 
         def counters(signal: str) -> tuple[ObjectiveCounter, ...]:
@@ -265,9 +275,13 @@ class StatsRecorder:
             # unless present, and then one branch each.
             external = getattr(scheduler_stats, "connector_prefix_cache_stats", None)
             if external is not None:
-                queries, hits = e.external or self._bind_external(e)
+                queries, hits, _, tiers = e.external or self._bind_external(e)
                 queries.inc(external.queries)
                 hits.inc(external.hits)
+                for tier, tokens in (getattr(external, "hits_by_source", None) or {}).items():
+                    (tiers.get(tier) or self._bind_tier(e, tier)).inc(tokens)
+            if e.external is not None and prefix is not None:  # the device tier, as vLLM
+                e.external[2].inc(prefix.hits)
             spec = getattr(scheduler_stats, "spec_decoding_stats", None)
             if spec is not None:
                 self._record_spec(e, spec)
@@ -338,6 +352,11 @@ class StatsRecorder:
                     family.remove(self.model, e.label, label)
 
     def _record_finished(self, e: _EngineChildren, request: Any) -> None:
+        # The canary's own requests are not user traffic: one attribute read and a prefix
+        # check (no allocation). A vLLM without request_id here counts them like any other.
+        request_id = getattr(request, "request_id", None)
+        if request_id and request_id.startswith(CANARY_REQUEST_ID_PREFIX):
+            return
         reason = request.finish_reason
         counter = e.finished.get(reason)
         if counter is None:
@@ -443,10 +462,24 @@ class StatsRecorder:
     def _bind_admission(self, reason: str) -> Any:
         return self.metrics.admission_rejections.labels(self.model, reason)
 
-    def _bind_external(self, e: _EngineChildren) -> tuple[Any, Any]:
+    def _bind_external(self, e: _EngineChildren) -> tuple[Any, Any, Any, dict]:
+        by_tier = self.metrics.prefix_cache_hits_by_tier
+        for tier in CACHE_TIERS:  # every tier at 0 from the start, as vLLM's own family
+            by_tier.labels(self.model, e.label, tier)
         e.external = (self.metrics.external_prefix_cache_queries.labels(self.model, e.label),
-                      self.metrics.external_prefix_cache_hits.labels(self.model, e.label))
+                      self.metrics.external_prefix_cache_hits.labels(self.model, e.label),
+                      by_tier.labels(self.model, e.label, "device"), {})
         return e.external
+
+    def _bind_tier(self, e: _EngineChildren, tier: Any) -> Any:
+        """The child of a CacheHitSource member, cached by the member (the cold path: once
+        per tier and engine)."""
+        name = getattr(tier, "value", tier)
+        child = self.metrics.prefix_cache_hits_by_tier.labels(
+            self.model, e.label, name if name in CACHE_TIERS else OTHER)
+        if len(e.external[3]) < len(CACHE_TIERS) + 4:  # bounded, as vLLM's enum is
+            e.external[3][tier] = child
+        return child
 
     def _bind_residency(self, e: _EngineChildren) -> tuple[Any, Any, Any]:
         m = self.metrics

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exporter.alerts import ALERT_FAMILIES, prepare_alerts
+from exporter.alerts import prepare_alerts
 from exporter.alerts.cli import export_text
 from exporter.alerts.defaults import DEFAULT_THRESHOLDS, default_rule_file
 from exporter.alerts.rules import load_rule_file, parse_rules
+from exporter.catalog import all_families
 from exporter.config import ConfigError, load_config
-from exporter.gpu import GPU_FAMILIES
-from exporter.metrics import FAMILIES
 from exporter.slo import SloConfig
 from testsupport import ROOT
 from testsupport.markers import needs_promtool
@@ -202,7 +201,7 @@ def test_disabled_alerts_prepare_nothing():
 # --- the default pack --------------------------------------------------------------------------
 
 def test_every_metric_a_default_rule_uses_is_defined():
-    defined = {f.name: f for f in (*FAMILIES, *GPU_FAMILIES, *ALERT_FAMILIES)}
+    defined = {f.name: f for f in all_families()}  # engine, GPU, alerting, advice (canary)
     rules = parse_rules(default_rule_file(), SloConfig(), "<default>")
     for rule in rules:
         for selector in rule.expr.selectors():
@@ -219,7 +218,7 @@ def test_every_exported_expression_names_only_defined_metrics():
     import re
 
     defined = set()
-    for f in (*FAMILIES, *GPU_FAMILIES, *ALERT_FAMILIES):
+    for f in all_families():
         defined |= ({f.name + s for s in ("_bucket", "_sum", "_count")}
                     if f.kind == "histogram" else {f.name})
     doc = yaml.safe_load(RULES_FILE.read_text())

@@ -233,8 +233,8 @@ def test_every_engine_family_is_labelled_only_by_bounded_inputs():
                "code", "component", "reason", "label", "version", "vllm_version",
                "python_version", "mode", "state", "role",
                # fixed sets in stats.py (vLLM's own names, else "other"); position: at most
-               # stats.MAX_SPEC_POSITIONS draft positions, then "other"
-               "stage", "sleep_state", "source", "position"}
+               # stats.MAX_SPEC_POSITIONS draft positions, then "other"; tier: stats.CACHE_TIERS
+               "stage", "sleep_state", "source", "position", "tier"}
     from exporter.metrics import ENGINE_CONFIG_LABELS, FAMILIES
 
     for family in FAMILIES:

@@ -120,6 +120,34 @@ def test_kv_fetch_stages_and_external_prefix_hits_appear_with_a_kv_connector(rec
     assert s.get("vllm_external_prefix_cache_hits_total", **E0) == 48
 
 
+def test_cached_prompt_tokens_by_tier_add_up_to_the_hit_counters(recorder):
+    """The device tier counts the local prefix cache's hits, the others the connector's hits
+    by the tier vLLM names; a tier this release does not know counts as other."""
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+    recorder.expect({"kv_connector": True})
+    s = recorder.render()
+    assert {l["tier"] for l, _ in s.series("vllm_prefix_cache_hits_by_tier_total")} == {
+        "device", "host", "p2p", "disk", "external_unspecified"}
+    external = PrefixCacheStats(requests=2, queries=96, hits=80)
+    external.hits_by_source = {CacheHitSource.HOST: 48, CacheHitSource.DISK: 32}
+    recorder.record(SchedulerStats(
+        prefix_cache_stats=PrefixCacheStats(requests=2, queries=96, hits=16),
+        connector_prefix_cache_stats=external), None, 0)
+    later = PrefixCacheStats(requests=1, queries=32, hits=32)
+    later.hits_by_source = {CacheHitSource.HOST: 16, "a-new-tier": 16}
+    recorder.record(SchedulerStats(prefix_cache_stats=PrefixCacheStats(),
+                                   connector_prefix_cache_stats=later), None, 0)
+    s = recorder.render()
+    tiers = {l["tier"]: v for l, v in s.series("vllm_prefix_cache_hits_by_tier_total")
+             if l["engine"] == "0"}
+    assert tiers == {"device": 16, "host": 64, "disk": 32, "p2p": 0,
+                     "external_unspecified": 0, "other": 16}
+    assert tiers["device"] == s.get("vllm_prefix_cache_hits_total", **E0)
+    assert sum(tiers.values()) - tiers["device"] == s.get(
+        "vllm_external_prefix_cache_hits_total", **E0)
+
+
 def test_kv_fetch_stages_at_zero_without_a_connector_leave_the_family_absent(recorder):
     """vLLM 0.32 sends the stages on every engine (all 0 without a KV connector, and even a
     count on an engine whose config is not a KV consumer is not read)."""
@@ -440,7 +468,7 @@ def test_every_new_family_documents_its_vllm_source_and_versions():
         "vllm_requests_waiting_by_reason", "vllm_engine_sleep_state",
         "vllm_prompt_tokens_by_source_total", "vllm_request_prefill_kv_computed_tokens",
         "vllm_aborted_request_duration_seconds", "vllm_kv_cache_max_concurrency")]
-    assert len(new) == 20
+    assert len(new) == 21
     for family in new:
         assert "0.26" in family.source or "0.32" in family.source, family.name
 

@@ -10,9 +10,15 @@ engine-dashboard query must return data, the new panels included.
 Daemon mode, on the session's shared daemon: the families that need no engine flag move there
 (prompt-token sources, prefill KV computed, aborted requests' time, capacity from vLLM).
 
-What does not run on the CPU build is unit-tested in tests/test_new_families.py: sleep mode
-(CUDA/ROCm/XPU only), KV-connector stages and external prefix hits (no KV connector here), and
-the `deferred` waiting reason (LoRA budget, grammar compilation, KV transfers; 0 here).
+The same engine runs with VLLM_SERVER_DEV_MODE=1, and its last test puts it to sleep and wakes
+it through vLLM's /sleep and /wake_up: the CPU build refuses enable_sleep_mode and its worker
+frees nothing, but vLLM still pauses the engine and reports the state to the stat loggers, so
+the path to vllm_engine_sleep_state is real. Sleep mode that frees memory (CUDA, ROCm, XPU) and
+draft-model speculation are verified with bench/verify_engine_features.py
+(docs/engine-features-verification.md).
+The external prefix cache is tested with vLLM's ExampleConnector in
+tests/test_kv_connector_e2e.py; the KV-fetch stages and the `deferred` waiting reason, which
+only an asynchronous connector moves, are unit-tested in tests/test_new_families.py.
 """
 
 from __future__ import annotations
@@ -196,7 +202,8 @@ def start_plugin_server(tmp_path) -> tuple:
                    "thresholds": {"spec_decode_acceptance_ratio": 1.01,
                                   "min_draft_token_rate": 0.0}}}))
     env = dict(daemon_env(), VLLM_EXPORTER_CONFIG=str(config),
-               VLLM_EXPORTER_METRICS_PORT=str(metrics_port))
+               VLLM_EXPORTER_METRICS_PORT=str(metrics_port),
+               VLLM_SERVER_DEV_MODE="1")  # /sleep and /wake_up, for the last test
     log = tmp_path / "vllm.log"
     process = start_group(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -397,3 +404,35 @@ def _target(title: str) -> dict:
     return next(t for p, t in _engine_targets() if p["title"] == title)
 
 
+
+
+def _post(url: str) -> int:
+    request = urllib.request.Request(url, data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status
+
+
+@pytest.mark.engine
+def test_sleep_and_wake_reach_the_sleep_state_gauge(live):
+    """Last in the module (it stops the load): vLLM's /sleep and /wake_up move our
+    vllm_engine_sleep_state as they move vLLM's own gauge, level by level."""
+    live.load.stop()
+    ours = {"model": MODEL, "engine": "0"}
+    theirs = {"model_name": MODEL, "engine": "0"}
+
+    def states() -> tuple[set, set]:
+        mine, own = scrape(live.metrics_url), scrape(live.api_url + "/metrics")
+        return ({state for state in ("awake", "weights_offloaded", "discard_all")
+                 if mine.get("vllm_engine_sleep_state", sleep_state=state, **ours) == 1},
+                {state for state in ("awake", "weights_offloaded", "discard_all")
+                 if own.get("vllm:engine_sleep_state", sleep_state=state, **theirs) == 1})
+
+    assert states() == ({"awake"}, {"awake"})
+    for level, state in ((1, "weights_offloaded"), (2, "discard_all")):
+        assert _post(f"{live.api_url}/sleep?level={level}") == 200
+        wait_for(lambda: states() == ({state}, {state}), 30, 0.5,
+                 f"{state} after /sleep?level={level}, in ours and in vLLM's gauge")
+        assert _post(f"{live.api_url}/wake_up") == 200
+        wait_for(lambda: states() == ({"awake"}, {"awake"}), 30, 0.5,
+                 "awake after /wake_up, in ours and in vLLM's gauge")
+    assert _complete(live.api_url, MODEL, "after waking up")["usage"]["completion_tokens"] == 4

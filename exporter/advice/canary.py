@@ -7,9 +7,12 @@ largest change of a token's log-probability along that common prefix. A quantiza
 FP8 KV-cache fault that corrupts output moves both; a healthy engine repeats itself (up to
 the kernels' batch-dependent rounding, which shows as small log-probability drift).
 
-The canary's requests are ordinary requests to the engine: they count in the user-traffic
-families (one request of canary_max_tokens tokens per interval). The families here are
-`vllm_canary_*`; nothing here raises into the process.
+Each request carries `X-Request-Id: vllm-exporter-canary-<n>`, which vLLM turns into the
+request id `cmpl-vllm-exporter-canary-<n>-0`: the stat logger (stats.py) leaves requests with
+that id out of the per-request families (finished requests, request latency and length
+histograms, SLO counters). The step-level families (token counters, TTFT, inter-token latency,
+running/waiting, KV-cache usage) cannot tell requests apart and include them. The families
+here are `vllm_canary_*`; nothing here raises into the process.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+
+from ..stats import CANARY_REQUEST_HEADER_PREFIX
 
 log = logging.getLogger("exporter.advice.canary")
 
@@ -58,6 +63,7 @@ class Canary:
         self.prompt, self.max_tokens, self.interval = prompt, max_tokens, interval
         self.on_result, self.timeout = on_result, timeout
         self.reference: dict[str, Answer] = {}
+        self.sent = 0  # completions sent, numbering their request ids
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -74,8 +80,11 @@ class Canary:
         while not self._stop.wait(self.interval):
             self.probe()
 
-    def _request(self, path: str, body: dict | None = None) -> dict:
+    def _request(self, path: str, body: dict | None = None,
+                 request_id: str | None = None) -> dict:
         headers = {"Content-Type": "application/json"}
+        if request_id is not None:
+            headers["X-Request-Id"] = request_id
         key = os.environ.get("VLLM_API_KEY")
         if key:
             headers["Authorization"] = f"Bearer {key}"
@@ -88,9 +97,11 @@ class Canary:
         model = next(iter(self.reference), None)  # for a failure before the model list
         try:
             model = self._request("/v1/models")["data"][0]["id"]
+            self.sent += 1
             answer = parse(self._request("/v1/completions", {
                 "model": model, "prompt": self.prompt, "max_tokens": self.max_tokens,
-                "temperature": 0, "seed": 0, "logprobs": 0}))
+                "temperature": 0, "seed": 0, "logprobs": 0},
+                request_id=f"{CANARY_REQUEST_HEADER_PREFIX}{self.sent}"))
         except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as exc:
             # the engine still starting, or gone: not an output fault
             log.debug("canary request failed: %s", exc)

@@ -66,8 +66,13 @@ ADVICE_FAMILIES: tuple[FamilySpec, ...] = (
                "(advice.canary_interval_seconds)", where="server"),
     FamilySpec("vllm_canary_requests_total", "counter",
                "Output-health canary requests by result: ok (answered and compared) or "
-               "failed (the API did not answer). They are ordinary engine requests and count "
-               "in the user-traffic families too.",
+               "failed (the API did not answer). They are left out of the per-request families "
+               "(vllm_requests_finished_total; the e2e, queue, prefill, decode and time per "
+               "output token histograms; prompt, generation and prefill-KV length histograms; "
+               "vllm_slo_requests_total of e2e and TPOT objectives) by their request id "
+               "(cmpl-vllm-exporter-canary-*). The step-level families (token counters, TTFT "
+               "and its SLO objectives, inter-token latency, running and waiting requests, "
+               "KV-cache usage) include them.",
                labels=("model", "result"), source="the canary in the metrics process "
                "(advice.canary_interval_seconds)", where="server"),
     FamilySpec("vllm_exporter_advice_evaluations_total", "counter",

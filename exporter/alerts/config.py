@@ -99,7 +99,7 @@ class AlertsConfig:
     alertmanager: AlertmanagerConfig = field(default_factory=AlertmanagerConfig)
 
     def problems(self) -> list[tuple[str, str]]:
-        from .defaults import DEFAULT_THRESHOLDS, RENAMED_THRESHOLDS
+        from .defaults import DEFAULT_THRESHOLDS, RENAMED_THRESHOLDS, THRESHOLD_RANGES
 
         out = []
         if self.evaluation_interval_seconds <= 0:
@@ -117,6 +117,9 @@ class AlertsConfig:
                             f"unknown threshold; known: {', '.join(DEFAULT_THRESHOLDS)}"))
             elif value < 0:
                 out.append((f"thresholds.{key}", f"must be >= 0, got {value}"))
+            elif key in THRESHOLD_RANGES and not THRESHOLD_RANGES[key][0](value):
+                out.append((f"thresholds.{key}", f"must be {THRESHOLD_RANGES[key][1]}, got "
+                                                 f"{value}"))
         if self.rules_file is not None and self.thresholds:
             out.append(("thresholds", "only applies to the default pack (rules_file is set)"))
         if self.external_url is not None and not self.external_url.startswith(("http://",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..slo import SloConfig
+from .expr import format_duration
 
 # Where docs/runbook.md is published; alerts.runbook_base_url points rules at a team's own copy.
 RUNBOOK_BASE = "https://github.com/vllm-exporter/vllm-exporter/blob/main/docs/runbook.md"
@@ -43,6 +44,19 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     # Waiting requests held back by a KV transfer, or deferred (LoRA budget, grammar, ...).
     "kv_transfer_waiting_requests": 10,
     "deferred_requests": 10,
+    # Output-health canary (advice.canary_interval_seconds > 0): page when, for this long, no
+    # probe reproduced even this share of the engine's first answer. vLLM is not batch
+    # invariant: under load a greedy answer may leave the reference after some tokens, so
+    # only an early, lasting divergence (a corrupting kernel or KV cache) pages.
+    "canary_token_match_ratio": 0.25,
+    "canary_window_seconds": 900,
+}
+
+# Thresholds with a range of their own (checked besides >= 0): key -> (check, the range).
+THRESHOLD_RANGES = {
+    "canary_token_match_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "canary_window_seconds": (lambda v: v >= 60, ">= 60 (a lasting change over several "
+                                                 "canary probes)"),
 }
 
 # Thresholds that no longer exist: a config naming one is refused with this message.
@@ -184,6 +198,16 @@ def default_rule_file(thresholds: dict[str, float] | None = None,
                                                 "vllm_spec_decode_draft_tokens_total"}},
                       "window": "10m"},
               below=t["spec_decode_acceptance_ratio"], min_rate=t["min_draft_token_rate"]),
+        _rule("VllmCanaryOutputChanged", "threshold",
+              format_duration(t["canary_window_seconds"]), "critical",
+              "The output-health canary's answers changed on {{ $labels.model }}",
+              f"For {format_duration(t['canary_window_seconds'])} no greedy canary answer on "
+              f"{{{{ $labels.model }}}} reproduced even "
+              f"{t['canary_token_match_ratio'] * 100:g} % of the engine's first answer before "
+              f"diverging (latest {{{{ $value | humanizePercentage }}}}): the engine may be "
+              f"corrupting its output (a quantized kernel, an FP8 KV cache).",
+              signal={"gauge": "vllm_canary_token_match_ratio"},
+              below=t["canary_token_match_ratio"]),
         _rule("VllmHighErrorRatio", "threshold", "5m", "warning",
               "Requests fail on {{ $labels.model }}",
               f"{{{{ $value | humanizePercentage }}}} of requests finished with an error or "
