@@ -310,7 +310,12 @@ async def _run(fe: frontend_module.Frontend, args, listen_address: str, sock, st
     signal.signal(signal.SIGTERM, interrupt_start)
     # The stat logger wires itself to the engine it belongs to (aborts, unfinished requests,
     # death, and the shutdown that tells a stop from a death: vllm_compat.watch_async_llm).
-    engine = vllm_compat.build_engine(args, [stat_logger])
+    try:
+        engine = vllm_compat.build_engine(args, [stat_logger])
+    except vllm_compat.EngineConfigRefused as exc:
+        raise StartupError(f"vLLM refused the engine configuration ({exc}); check the engine "
+                           "section of the config file, its extra_args and any --engine-arg"
+                           ) from None
     try:
         ready_probe = asyncio.create_task(_mark_serving_when_healthy(fe, args, metrics_port))
         shutdown = await vllm_compat.serve(engine, listen_address, sock, args)

@@ -175,14 +175,36 @@ def setup_server(args: Namespace):
     return _first_attr("setup_server", _LAUNCHER_MODULES)(args, reuse_port=False)
 
 
+class EngineConfigRefused(ValueError):
+    """vLLM refused the engine configuration (before any engine process started)."""
+
+
+def _refusal(exc: Exception) -> str:
+    """vLLM's own words, without pydantic's input dump: one line per problem."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):  # pydantic's ValidationError (vLLM's config dataclasses)
+        try:
+            return "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())) or 'config'}: "
+                             f"{e['msg']}" for e in errors())
+        except Exception:  # a shape of another pydantic version: its first line
+            pass
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def build_engine(args: Namespace, stat_loggers: list[Callable]) -> Any:
-    """An AsyncLLM from the parsed server args, with our stat logger attached."""
+    """An AsyncLLM from the parsed server args, with our stat logger attached.
+    EngineConfigRefused when vLLM refuses the configuration (a setting this platform or model
+    cannot run), before any engine process starts."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
     engine_args = AsyncEngineArgs.from_cli_args(args)
-    vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    try:
+        vllm_config = engine_args.create_engine_config(
+            usage_context=UsageContext.OPENAI_API_SERVER)
+    except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        raise EngineConfigRefused(_refusal(exc)) from exc
     return AsyncLLM.from_vllm_config(
         vllm_config=vllm_config,
         usage_context=UsageContext.OPENAI_API_SERVER,

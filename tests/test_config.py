@@ -157,6 +157,18 @@ def test_serve_with_missing_model_and_bad_flag(tmp_path):
     assert code == 2 and "--max-model-len" in output
 
 
+def test_serve_with_a_setting_vllm_refuses_exits_2_with_its_reason():
+    """Valid flags that vLLM's config refuses on this platform (the CPU build has no sleep
+    mode): one line with vLLM's reason, exit 2, no engine process, no traceback."""
+    code, output, _ = _serve(["--engine-arg", "enable_sleep_mode=true", "--port", "0",
+                              "--metrics-port", "0"], timeout=180)
+    assert code == 2, output
+    assert "vLLM refused the engine configuration" in output
+    assert "Sleep mode is not supported on current platform" in output
+    assert "--engine-arg" in output
+    assert "Traceback" not in output and "EngineCore" not in output
+
+
 @pytest.mark.parametrize("taken_flag, free_flag, field", [
     ("--metrics-port", "--port", "metrics.port"),
     ("--port", "--metrics-port", "api.port"),
