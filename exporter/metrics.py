@@ -190,10 +190,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
                "not running yet). Only on an engine that consumes KV transfers.",
                labels=ENGINE_LABELS + ("stage",), aggregate="latest",
                source="SchedulerStats.num_kv_fetch_reqs_by_stage (0.32-0.33; absent on "
-                      "0.26-0.31, and without kv_transfer_config as a KV consumer; the CPU "
-                      "tests' ExampleConnector loads synchronously, so its stages stay 0, and "
-                      "the asynchronous connectors need CUDA/XPU or packages of their own: "
-                      "the stages are unit-tested)"),
+                      "0.26-0.31, and without kv_transfer_config as a KV consumer; tested "
+                      "against vLLM's own figures on the CPU build with a test connector that "
+                      "loads ExampleConnector's files asynchronously)"),
     FamilySpec("vllm_admission_rejections_total", "counter",
                "Requests the API front end refused (HTTP 503) because a queue limit was "
                "reached, by reason: max_num_queued_reqs or max_num_queued_tokens (vLLM's "
@@ -210,7 +209,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
                "as 1.",
                labels=ENGINE_LABELS + ("sleep_state",),
                source="StatLogger.record_sleep_state(sleep, level) (0.26-0.33; sleep mode runs on "
-                      "CUDA, ROCm and XPU only: unit-tested on the CPU build)"),
+                      "CUDA, ROCm and XPU only: the CPU build's /sleep and /wake_up, which "
+                      "free nothing, are tested against vLLM's own gauge)"),
     # --- where prompt tokens come from ------------------------------------------------------
     FamilySpec("vllm_prompt_tokens_by_source_total", "counter",
                "Prompt tokens by where their KV came from: local_compute (prefilled here), "

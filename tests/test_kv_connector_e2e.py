@@ -16,7 +16,8 @@ one: both stay 0 here, and this test checks that they are present (the engine is
 and agree with vLLM's. The connectors that load asynchronously do not run on the CPU build:
 OffloadingConnector ("CPU Offloading is currently only supported on CUDA-alike and XPU GPUs"),
 SimpleCPUOffloadConnector (torch.cuda.Stream.priority_range at start-up), and NIXL, Mooncake,
-LMCache, ... need packages of their own. Their stages are unit-tested (test_new_families.py).
+LMCache, ... need packages of their own. tests/test_kv_async_connector_e2e.py moves them with
+a test connector that loads ExampleConnector's files asynchronously.
 """
 
 from __future__ import annotations
