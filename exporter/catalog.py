@@ -7,11 +7,11 @@ Docs, rule validation and the names-are-contracts tests read the union from here
 
 from __future__ import annotations
 
-from .advice.families import ADVICE_FAMILIES
+from .advice.families import ADVICE_FAMILIES, CONDITIONAL_ADVICE_FAMILIES
 from .alerts.families import ALERT_FAMILIES
 from .families import FamilySpec
 from .gpu import GPU_FAMILIES
-from .metrics import FAMILIES
+from .metrics import CONDITIONAL_FAMILIES, FAMILIES
 
 
 def all_families() -> tuple[FamilySpec, ...]:
@@ -20,3 +20,16 @@ def all_families() -> tuple[FamilySpec, ...]:
 
 def families_by_name() -> dict[str, FamilySpec]:
     return {family.name: family for family in all_families()}
+
+
+def conditional_samples() -> frozenset[str]:
+    """Sample names (a histogram's _bucket, _sum, _count) of the families present only with a
+    feature switched on (metrics.CONDITIONAL_FAMILIES, advice's CONDITIONAL_ADVICE_FAMILIES):
+    what a query may find absent on an engine without the feature."""
+    conditional = CONDITIONAL_FAMILIES.keys() | CONDITIONAL_ADVICE_FAMILIES.keys()
+    out = set()
+    for family in all_families():
+        if family.name in conditional:
+            suffixes = ("_bucket", "_sum", "_count") if family.kind == "histogram" else ("",)
+            out.update(family.name + suffix for suffix in suffixes)
+    return frozenset(out)

@@ -415,18 +415,6 @@ CONDITIONAL_FAMILIES: dict[str, str] = {
 }
 
 
-
-def conditional_samples() -> frozenset[str]:
-    """Sample names (a histogram's _bucket, _sum, _count) of CONDITIONAL_FAMILIES: what a
-    query may find absent on an engine without the feature."""
-    out = set()
-    for family in FAMILIES:
-        if family.name in CONDITIONAL_FAMILIES:
-            suffixes = ("_bucket", "_sum", "_count") if family.kind == "histogram" else ("",)
-            out.update(family.name + suffix for suffix in suffixes)
-    return frozenset(out)
-
-
 ERROR_COMPONENTS = ("stat_logger", "idle_watchdog", "engine_health", "metrics_server", "gpu",
                     "alerts")
 

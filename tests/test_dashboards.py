@@ -30,7 +30,7 @@ from exporter.dashboards.inspect import (PROMETHEUS_SERIES, iter_panels, iter_ro
                                          metric_names, substitute,
                                          variable_metric, variable_queries)
 from exporter.docs import all_families
-from exporter.metrics import conditional_samples
+from exporter.catalog import conditional_samples
 from testsupport import ROOT
 from testsupport.dashboards import (DASHBOARDS, JOB, NEEDS_ALERTMANAGER, RATE_INTERVAL, RULES_FILE,
                                     Live, all_targets, escape_regex, wait_for_rate_windows)

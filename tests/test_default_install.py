@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from exporter.dashboards.inspect import metric_names, substitute
-from exporter.metrics import conditional_samples
+from exporter.catalog import conditional_samples
 from testsupport.daemon import start_daemon
 from testsupport.dashboards import (JOB, NEEDS_ALERTMANAGER, RATE_INTERVAL, RULES_FILE, Live,
                                     all_targets, escape_regex, wait_for_rate_windows)

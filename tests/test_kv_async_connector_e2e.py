@@ -23,60 +23,35 @@ request's own), and the prefix-cache figures must show the load.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.request
 
 import pytest
 
-from testsupport import ROOT
-from testsupport.daemon import daemon_config, daemon_env, start_daemon
 from testsupport.exposition import Samples, scrape
-from testsupport.net import free_port
+from testsupport.kv_connector import PROMPT, STAGES, complete, start_connector_daemon
 from testsupport.waiting import wait_for
 
 MODEL = "kva"
 LABELS = {"model": MODEL, "engine": "0"}
 VLLM_LABELS = {"model_name": MODEL, "engine": "0"}
-STAGES = ("waiting_to_start", "in_progress", "completed_waiting")
 LOAD_DELAY = 2.0  # seconds between a load's start and its report as finished
 SAMPLE_INTERVAL = 0.1
-# Long enough for two full blocks of 128 tokens (the CPU build's block size), short enough for
-# max_model_len 512 with the tests' tokenizer (as test_kv_connector_e2e.py).
-PROMPT = " ".join(f"word{i} the quick brown fox" for i in range(30))
 
 
 @pytest.fixture(scope="module")
 def async_daemon(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("kv-async")
-    storage = tmp / "kv-store"
-    storage.mkdir()
-    config = daemon_config(
-        free_port(), free_port(),
-        engine={"served_model_name": MODEL, "enable_prefix_caching": False,
-                "extra_args": {"kv_transfer_config": {
-                    "kv_connector": "AsyncExampleConnector",
-                    "kv_connector_module_path": "testsupport.async_kv_connector",
-                    "kv_role": "kv_both",
-                    "kv_connector_extra_config": {"shared_storage_path": str(storage),
-                                                  "async_load_delay_seconds": LOAD_DELAY}}}},
-        gpu={"enabled": False})
-    env = daemon_env()  # the engine imports the connector from the repository root
-    env["PYTHONPATH"] = ":".join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    daemon = start_daemon(tmp, config, name="kv-async", env=env)
-    daemon.storage = storage
+    daemon = start_connector_daemon(
+        tmp_path_factory.mktemp("kv-async"), MODEL,
+        {"kv_connector": "AsyncExampleConnector",
+         "kv_connector_module_path": "testsupport.async_kv_connector",
+         "extra_config": {"async_load_delay_seconds": LOAD_DELAY}})
     yield daemon
     daemon.stop()
 
 
 def _complete(api_url: str, prompt: str) -> dict:
-    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0,
-                       "ignore_eos": True}).encode()
-    request = urllib.request.Request(f"{api_url}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
+    return complete(api_url, MODEL, prompt, max_tokens=8)
 
 
 def _fetch_view(ours: Samples, own: Samples) -> dict:

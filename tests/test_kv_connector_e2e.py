@@ -22,51 +22,28 @@ a test connector that loads ExampleConnector's files asynchronously.
 
 from __future__ import annotations
 
-import json
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from testsupport.daemon import daemon_config, start_daemon
 from testsupport.exposition import Samples, scrape
-from testsupport.net import free_port
+from testsupport.kv_connector import PROMPT, STAGES, complete, start_connector_daemon
 from testsupport.waiting import wait_for
 
 MODEL = "kvc"
 LABELS = {"model": MODEL, "engine": "0"}
 VLLM_LABELS = {"model_name": MODEL, "engine": "0"}
-STAGES = ("waiting_to_start", "in_progress", "completed_waiting")
-# Long enough for two full blocks of 128 tokens (the CPU build's block size), short enough for
-# max_model_len 512 with the tests' tokenizer.
-PROMPT = " ".join(f"word{i} the quick brown fox" for i in range(30))
 
 
 @pytest.fixture(scope="module")
 def connector_daemon(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("kv-connector")
-    storage = tmp / "kv-store"
-    storage.mkdir()
-    config = daemon_config(
-        free_port(), free_port(),
-        engine={"served_model_name": MODEL, "enable_prefix_caching": False,
-                "extra_args": {"kv_transfer_config": {
-                    "kv_connector": "ExampleConnector", "kv_role": "kv_both",
-                    "kv_connector_extra_config": {"shared_storage_path": str(storage)}}}},
-        gpu={"enabled": False})
-    daemon = start_daemon(tmp, config, name="kv-connector")
-    daemon.storage = storage
+    daemon = start_connector_daemon(tmp_path_factory.mktemp("kv-connector"), MODEL,
+                                    {"kv_connector": "ExampleConnector"})
     yield daemon
     daemon.stop()
 
 
 def _complete(api_url: str, prompt: str) -> dict:
-    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0,
-                       "ignore_eos": True}).encode()
-    request = urllib.request.Request(f"{api_url}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
+    return complete(api_url, MODEL, prompt, max_tokens=4)
 
 
 def _vllm_own(api_url: str) -> Samples:

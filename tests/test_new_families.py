@@ -28,7 +28,8 @@ from exporter.cli import main
 from exporter.config import load_config
 from exporter.daemon import vllm_argv
 from exporter.default_model import ensure_default_model
-from exporter.metrics import CONDITIONAL_FAMILIES, FAMILIES, conditional_samples
+from exporter.catalog import conditional_samples
+from exporter.metrics import CONDITIONAL_FAMILIES, FAMILIES
 from exporter.runtime import Runtime
 from exporter.shard import ShardMetrics, ShardWriter
 from exporter.stats import MAX_SPEC_POSITIONS, StatsRecorder

@@ -19,6 +19,7 @@ through `pythonpath = ["."]` in pyproject.toml; benchmarks run from the reposito
     dashboard_png    dashboards drawn to PNG from a real Prometheus
     pki              throw-away certificates and web config files
     lora             a LoRA adapter for the default model
+    kv_connector     a daemon whose engine runs a KV connector over a local store
     async_kv_connector  a KV connector that loads ExampleConnector's files asynchronously
     markers          pytest skip markers for missing Prometheus binaries
     fake_pynvml      pynvml replayed from a recorded GPU (tests/data/nvml_h200.json)

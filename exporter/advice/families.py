@@ -83,3 +83,12 @@ ADVICE_FAMILIES: tuple[FamilySpec, ...] = (
                "rules go on.",
                labels=("rule",), source=SOURCE, where="server"),
 )
+
+# Families present only with an opt-in feature: family -> what switches it on (as
+# metrics.CONDITIONAL_FAMILIES; rules and panels may find them absent).
+CANARY_OFF = "the canary is off (advice.canary_interval_seconds)"
+CONDITIONAL_ADVICE_FAMILIES: dict[str, str] = {
+    "vllm_canary_token_match_ratio": CANARY_OFF,
+    "vllm_canary_logprob_drift": CANARY_OFF,
+    "vllm_canary_requests_total": CANARY_OFF,
+}
