@@ -209,8 +209,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
                "as 1.",
                labels=ENGINE_LABELS + ("sleep_state",),
                source="StatLogger.record_sleep_state(sleep, level) (0.26-0.33; sleep mode runs on "
-                      "CUDA, ROCm and XPU only: the CPU build's /sleep and /wake_up, which "
-                      "free nothing, are tested against vLLM's own gauge)"),
+                      "CUDA, ROCm and XPU only: verified on an H100 against vLLM's own "
+                      "gauge at levels 1 and 2; the CPU build's /sleep and /wake_up, which "
+                      "free nothing, are tested the same way)"),
     # --- where prompt tokens come from ------------------------------------------------------
     FamilySpec("vllm_prompt_tokens_by_source_total", "counter",
                "Prompt tokens by where their KV came from: local_compute (prefilled here), "
