@@ -99,6 +99,46 @@ def sweep_knee(points: list[dict], gain: float) -> int | None:
     return None
 
 
+def plot(figures: dict, path: str) -> None:
+    """The sweep's client-side points and the advisor's engine-side batch groups on one
+    batch axis, with the KV-cache limit the daemon's own advice gave (if any)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    points, groups = figures["sweep"], figures.get("groups") or []
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    x = [p["concurrency"] for p in points]
+    top.plot(x, [p["client"]["output_tokens_per_second"] for p in points], "o-",
+             label="tune batch-size: output tokens/s by client concurrency")
+    bottom.plot(x, [(p["client"]["itl_seconds"]["p50"] or math.nan) * 1e3 for p in points],
+                "o-", label="tune batch-size: ITL p50 (client)")
+    if groups:
+        gx = [g[0] for g in groups]
+        top.plot(gx, [g[1] for g in groups], "s--",
+                 label="advisor: engine decode tokens/s by running batch (group upper bound)")
+        bottom.plot(gx, [g[2] * 1e3 for g in groups], "s--",
+                    label="advisor: mean ITL by running batch")
+    limits = [a["suggested"] for m in (figures.get("live") or {}).get("models", [])
+              for a in m["advice"] if a["rule"] == "kv_cache_pressure"]
+    for axis in (top, bottom):
+        for limit in limits:
+            axis.axvline(limit, color="tab:red", linestyle=":",
+                         label=f"KV cache holds {limit:g} sequences (kv_cache_pressure)"
+                         if axis is top else None)
+        axis.set_xscale("log", base=2)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize="small", loc="upper left")
+    top.set_ylabel("tokens/s")
+    top.set_title("batch-size knee: the live advisor against tune batch-size, same engine")
+    bottom.set_ylabel("inter-token latency (ms)")
+    bottom.set_xlabel("client concurrency / engine running batch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,7 +154,14 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     parser.add_argument("--knee-min-samples", type=int, default=AdviceConfig.knee_min_samples)
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--plot", help="also draw the two views to this PNG (needs matplotlib)")
+    parser.add_argument("--plot-from", metavar="JSON",
+                        help="only draw --plot from the figures a run wrote with --json")
     args = parser.parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as saved:
+            plot(json.load(saved), args.plot or "live-advice.png")
+        return 0
 
     metrics_url = args.daemon_metrics.rstrip("/") + "/metrics"
     sampler = Sampler(metrics_url, args.interval)
@@ -201,6 +248,8 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as out:
             json.dump(figures, out, indent=1, default=str)
+    if args.plot:
+        plot(figures, args.plot)
     return 0
 
 
