@@ -19,7 +19,8 @@ the GPUs' energy counters directly from NVML). Then it prints, side by side:
 GPU machine (docs/tuning.md has the run):
     python3 -m bench.bench_live_advice --daemon-api http://127.0.0.1:8000 \\
         --daemon-metrics http://127.0.0.1:9410 --concurrency 4,8,16,32,64,128,256 \\
-        --rounds 8 --prompt-len fixed:200 --output-len fixed:128
+        --rounds 6 --prompt-len fixed:200 --output-len fixed:128 --json live.json \\
+        --plot live-advice.png
 This CPU machine (a running daemon, e.g. `vllm-exporter serve`):
     .venv/bin/python -m bench.bench_live_advice --concurrency 1,2,4,8,16 --rounds 4
 """
