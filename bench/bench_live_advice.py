@@ -90,14 +90,10 @@ def nvml_joules(handles: list) -> float:
 
 def sweep_knee(points: list[dict], gain: float) -> int | None:
     """The advisor's knee criterion applied to the sweep's client-side points."""
-    tps = [p["client"]["output_tokens_per_second"] for p in points]
-    itl = [p["client"]["itl_seconds"]["p50"] or math.nan for p in points]
-    gains = [b / a - 1 for a, b in zip(tps, tps[1:])]
-    for j in range(1, len(points) - 1):
-        if gains[j - 1] >= gain and all(g < gain for g in gains[j:]) \
-                and itl[-1] / itl[j] - 1 > gain:
-            return points[j]["concurrency"]
-    return None
+    j = batch_knee.find_knee([p["client"]["output_tokens_per_second"] for p in points],
+                             [p["client"]["itl_seconds"]["p50"] or math.nan for p in points],
+                             gain)
+    return None if j is None else points[j]["concurrency"]
 
 
 def plot(figures: dict, path: str) -> None:

@@ -319,8 +319,7 @@ def verify_spec_decode(server: Server, args, checks: Checks) -> None:
 # --- sleep mode -------------------------------------------------------------------------------
 
 def states_at_one(samples: Samples, name: str, labels: dict) -> list[str]:
-    return sorted(l["sleep_state"] for l, v in samples.series(name)
-                  if v == 1 and all(l.get(k) == x for k, x in labels.items()))
+    return sorted(samples.label_values_at(name, "sleep_state", 1, **labels))
 
 
 def sleep_row(server: Server, step: str) -> dict:

@@ -22,14 +22,20 @@ def families_by_name() -> dict[str, FamilySpec]:
     return {family.name: family for family in all_families()}
 
 
-def conditional_samples() -> frozenset[str]:
-    """Sample names (a histogram's _bucket, _sum, _count) of the families present only with a
-    feature switched on (metrics.CONDITIONAL_FAMILIES, advice's CONDITIONAL_ADVICE_FAMILIES):
-    what a query may find absent on an engine without the feature."""
-    conditional = CONDITIONAL_FAMILIES.keys() | CONDITIONAL_ADVICE_FAMILIES.keys()
+def sample_names(names) -> frozenset[str]:
+    """The sample names of these families as a query reads them (a histogram's _bucket, _sum,
+    _count; a counter's name with _total)."""
+    wanted = set(names)
     out = set()
     for family in all_families():
-        if family.name in conditional:
+        if family.name in wanted:
             suffixes = ("_bucket", "_sum", "_count") if family.kind == "histogram" else ("",)
             out.update(family.name + suffix for suffix in suffixes)
     return frozenset(out)
+
+
+def conditional_samples() -> frozenset[str]:
+    """Sample names of the families present only with a feature switched on
+    (metrics.CONDITIONAL_FAMILIES, advice's CONDITIONAL_ADVICE_FAMILIES): what a query may
+    find absent on an engine without the feature."""
+    return sample_names(CONDITIONAL_FAMILIES.keys() | CONDITIONAL_ADVICE_FAMILIES.keys())

@@ -33,7 +33,8 @@ from exporter.docs import all_families
 from exporter.catalog import conditional_samples
 from testsupport import ROOT
 from testsupport.dashboards import (DASHBOARDS, JOB, NEEDS_ALERTMANAGER, RATE_INTERVAL, RULES_FILE,
-                                    Live, all_targets, escape_regex, wait_for_rate_windows)
+                                    Live, all_targets, escape_regex, query_problems,
+                                    wait_for_rate_windows)
 from testsupport.load import Load, abandoned_request
 from testsupport.processes import engine_paused
 from testsupport.prometheus import PROMETHEUS, start_prometheus
@@ -329,25 +330,9 @@ def test_every_panel_query_is_valid_and_returns_data(live):
     # Features the shared daemon's engine does not switch on (speculative decoding, vLLM's
     # opt-in statistics): tests/test_spec_decode_e2e.py runs these panels where they have data.
     may_be_empty = set(may_be_empty) | conditional_samples()
-    problems, count = [], 0
-    for file_name, panel, target in all_targets():
-        expr = substitute(target["expr"], variables)
-        assert "$" not in expr, expr
-        where = f"{file_name} / {panel['title']}: {expr}"
-        try:
-            result = prom.query(expr)
-        except AssertionError as exc:
-            problems.append(f"INVALID {where}: {exc}")
-            continue
-        count += 1
-        names = metric_names(target["expr"])
-        if not result:
-            if not names or not names <= may_be_empty:
-                problems.append(f"EMPTY {where}")
-            continue
-        values = [float(item["value"][1]) for item in result]
-        if all(v != v for v in values):  # NaN everywhere: 0/0 with no traffic
-            problems.append(f"NaN {where}")
+    problems, count = query_problems(
+        prom, ((f"{file_name} / {panel['title']}", target)
+               for file_name, panel, target in all_targets()), variables, may_be_empty)
     assert not problems, "\n".join(problems)
     assert count == sum(1 for _ in all_targets())
     assert not live.load.errors, live.load.errors[:3]

@@ -34,11 +34,12 @@ import urllib.request
 import openai
 import pytest
 
-from exporter.dashboards.inspect import metric_names, substitute
+from exporter.catalog import sample_names
+from exporter.dashboards.inspect import substitute
 from exporter.default_model import ensure_default_model
 from exporter.metrics import CONDITIONAL_FAMILIES
 from testsupport.daemon import STARTUP_TIMEOUT, daemon_env
-from testsupport.dashboards import (DASHBOARDS, JOB, RATE_INTERVAL, escape_regex,
+from testsupport.dashboards import (DASHBOARDS, JOB, RATE_INTERVAL, escape_regex, query_problems,
                                     wait_for_rate_windows)
 from testsupport.exposition import Samples, scrape
 from testsupport.load import SHARED_PREFIX, BackgroundLoad, abandoned_request
@@ -351,21 +352,9 @@ def test_every_engine_panel_has_data_with_the_features_on(live):
     engine-dashboard query returns a number (only the KV-connector panels may be empty)."""
     variables = {"__rate_interval": RATE_INTERVAL, "__range": "5m", "job": JOB,
                  "instance": escape_regex(live.target), "model": MODEL}
-    allowed_empty = set()
-    for name in NO_CONNECTOR:
-        allowed_empty |= {name, name + "_bucket", name + "_sum", name + "_count"}
-    problems, count = [], 0
-    for panel, target in _engine_targets():
-        expr = substitute(target["expr"], variables)
-        result = live.prom.query(expr)
-        count += 1
-        names = metric_names(target["expr"])
-        if not result:
-            if not names or not names <= allowed_empty:
-                problems.append(f"EMPTY {panel['title']}: {expr}")
-            continue
-        if all(float(item["value"][1]) != float(item["value"][1]) for item in result):
-            problems.append(f"NaN {panel['title']}: {expr}")
+    problems, count = query_problems(
+        live.prom, ((panel["title"], target) for panel, target in _engine_targets()),
+        variables, set(sample_names(NO_CONNECTOR)))
     assert not problems, "\n".join(problems)
     titles = {panel["title"] for panel, _ in _engine_targets()}
     assert {"Draft acceptance rate", "Mean accepted length", "Acceptance by draft position",
@@ -421,11 +410,10 @@ def test_sleep_and_wake_reach_the_sleep_state_gauge(live):
     theirs = {"model_name": MODEL, "engine": "0"}
 
     def states() -> tuple[set, set]:
+        """The states at 1 in our gauge and in vLLM's (every state each one has)."""
         mine, own = scrape(live.metrics_url), scrape(live.api_url + "/metrics")
-        return ({state for state in ("awake", "weights_offloaded", "discard_all")
-                 if mine.get("vllm_engine_sleep_state", sleep_state=state, **ours) == 1},
-                {state for state in ("awake", "weights_offloaded", "discard_all")
-                 if own.get("vllm:engine_sleep_state", sleep_state=state, **theirs) == 1})
+        return (mine.label_values_at("vllm_engine_sleep_state", "sleep_state", 1, **ours),
+                own.label_values_at("vllm:engine_sleep_state", "sleep_state", 1, **theirs))
 
     assert states() == ({"awake"}, {"awake"})
     for level, state in ((1, "weights_offloaded"), (2, "discard_all")):

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 
 from exporter.dashboards import generate
-from exporter.dashboards.inspect import iter_panels
+from exporter.dashboards.inspect import iter_panels, metric_names, substitute
 
 from . import ROOT
 from .load import Load
@@ -32,6 +32,33 @@ def all_targets():
         for panel in iter_panels(dashboard):
             for target in panel["targets"]:
                 yield file_name, panel, target
+
+
+def query_problems(prom: Prometheus, targets, variables: dict[str, str],
+                   may_be_empty: set[str]) -> tuple[list[str], int]:
+    """Run each (where, target) query with the variables substituted: (problems, queries run).
+    A problem is a query Prometheus refuses (INVALID), one with no result unless every metric
+    it reads is in `may_be_empty` (EMPTY), or one whose every value is NaN (0/0 with no
+    traffic)."""
+    problems, count = [], 0
+    for where, target in targets:
+        expr = substitute(target["expr"], variables)
+        assert "$" not in expr, expr
+        where = f"{where}: {expr}"
+        try:
+            result = prom.query(expr)
+        except AssertionError as exc:
+            problems.append(f"INVALID {where}: {exc}")
+            continue
+        count += 1
+        names = metric_names(target["expr"])
+        if not result:
+            if not names or not names <= may_be_empty:
+                problems.append(f"EMPTY {where}")
+            continue
+        if all(float(item["value"][1]) != float(item["value"][1]) for item in result):
+            problems.append(f"NaN {where}")
+    return problems, count
 
 
 def escape_regex(value: str) -> str:

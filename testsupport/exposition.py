@@ -34,6 +34,12 @@ class Samples:
     def series(self, name: str) -> list[tuple[dict, float]]:
         return self.by_name.get(name, [])
 
+    def label_values_at(self, name: str, label: str, value: float, **labels: str) -> set[str]:
+        """The values of `label` on the series of `name` (with `labels`) that equal `value`:
+        e.g. which state of a one-hot state gauge is 1."""
+        return {sample_labels[label] for sample_labels, v in self.series(name)
+                if v == value and all(sample_labels.get(k) == x for k, x in labels.items())}
+
     def family_shapes(self) -> dict[str, tuple[str, str, frozenset]]:
         """{family: (type, help, label names)}, values and label values aside."""
         return {name: (kind, self.helps[name], frozenset(self.label_names[name]) - {"le"})

@@ -37,20 +37,26 @@ def groups(w: Window, min_samples: int) -> list[tuple[int, float, float, int]]:
             for bound, points in sorted(by_group.items()) if len(points) >= min_samples]
 
 
+def find_knee(throughputs: list[float], itls: list[float], gain: float) -> int | None:
+    """Index of the first point after which throughput grows by less than `gain` per step,
+    before which it grew by at least `gain`, and past which ITL still grows by more than
+    `gain` up to the last point (None: no such point). Points in order of batch size."""
+    gains = [b / a - 1 for a, b in zip(throughputs, throughputs[1:])]
+    for j in range(1, len(throughputs) - 1):
+        grew_before = gains[j - 1] >= gain
+        flat_after = all(g < gain for g in gains[j:])
+        itl_grows = itls[-1] / itls[j] - 1 > gain
+        if grew_before and flat_after and itl_grows:
+            return j
+    return None
+
+
 def evaluate(w: Window, s: AdviceConfig) -> list[Advice]:
     current = w.setting("max_num_seqs")
     found = groups(w, s.knee_min_samples)
     if not current or len(found) < 3:
         return []
-    gains = [b[1] / a[1] - 1 for a, b in zip(found, found[1:])]
-    knee = None
-    for j in range(1, len(found) - 1):
-        grew_before = gains[j - 1] >= s.knee_gain
-        flat_after = all(g < s.knee_gain for g in gains[j:])
-        itl_grows = found[-1][2] / found[j][2] - 1 > s.knee_gain
-        if grew_before and flat_after and itl_grows:
-            knee = j
-            break
+    knee = find_knee([g[1] for g in found], [g[2] for g in found], s.knee_gain)
     if knee is None:
         return []
     bound, tps, itl, _ = found[knee]
