@@ -223,25 +223,91 @@ def median_ratio_interval(ours: list[float], theirs: list[float], draws: int = 2
 
 def print_ttft_pooled(results: dict[str, list[dict]]) -> dict:
     """Client TTFT p50 over every counted request of all repetitions, per server, and the
-    ratio with its bootstrap interval and the per-repetition ratios (daemon rep i against
-    vLLM alone's rep i, run back to back). One repetition's median moves with the run's
-    wave pattern; the pooled median over thousands of requests does not."""
+    ratio of each server to vLLM alone (and the daemon to plugin mode, where both ran) with
+    its bootstrap interval and the per-repetition ratios (the two servers' runs of the same
+    repetition). One repetition's median moves with the run's wave pattern; the pooled
+    median over thousands of requests does not."""
     pooled = {name: [t for r in reps for t in r["ttfts_ms"]] for name, reps in results.items()}
-    ours, theirs = pooled["daemon"], pooled["vLLM alone"]
-    if not ours or not theirs:
-        return {}
-    ratio = statistics.median(ours) / statistics.median(theirs)
-    low, high = median_ratio_interval(ours, theirs)
-    paired = [a["ttft_p50_ms"] / b["ttft_p50_ms"]
-              for a, b in zip(results["daemon"], results["vLLM alone"])]
-    print(f"TTFT p50 pooled over all counted requests: daemon {statistics.median(ours):.1f} ms "
-          f"(n {len(ours)}), vLLM alone {statistics.median(theirs):.1f} ms (n {len(theirs)}); "
-          f"ratio {ratio:.4f}, 95 % bootstrap interval {low:.4f}-{high:.4f} (target within 1 %)")
-    print("per-rep TTFT p50 ratios (back-to-back pairs): "
-          + ", ".join(f"{r:.3f}" for r in paired)
-          + f"; median {statistics.median(paired):.4f}")
-    return {"ratio": ratio, "interval": [low, high], "paired": paired,
+    pairs = [(name, "vLLM alone") for name in results if name != "vLLM alone"]
+    if "daemon" in results and "plugin mode" in results:
+        pairs.append(("daemon", "plugin mode"))
+    out = {}
+    for ours_name, theirs_name in pairs:
+        ours, theirs = pooled[ours_name], pooled[theirs_name]
+        if not ours or not theirs:
+            continue
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        low, high = median_ratio_interval(ours, theirs)
+        paired = [a["ttft_p50_ms"] / b["ttft_p50_ms"]
+                  for a, b in zip(results[ours_name], results[theirs_name])]
+        print(f"TTFT p50 pooled, {ours_name} / {theirs_name}: {statistics.median(ours):.1f} ms "
+              f"(n {len(ours)}) / {statistics.median(theirs):.1f} ms (n {len(theirs)}) = "
+              f"{ratio:.4f}, 95 % bootstrap interval {low:.4f}-{high:.4f}; per rep "
+              + ", ".join(f"{r:.3f}" for r in paired)
+              + f" (median {statistics.median(paired):.4f})")
+        out[f"{ours_name} / {theirs_name}"] = {
+            "ratio": ratio, "interval": [low, high], "paired": paired,
             "n": [len(ours), len(theirs)]}
+    return out
+
+
+# --- vLLM's own view of the same requests ------------------------------------------------------
+
+# Means per request (or per engine step) from vLLM's own histograms on each server's /metrics,
+# read around each repetition: whether a difference in client TTFT is already there when the
+# engine sees the request (queue, prefill) or arises in the front end and HTTP.
+ENGINE_MEANS = {
+    "vLLM TTFT ms": "vllm:time_to_first_token_seconds",
+    "queue ms": "vllm:request_queue_time_seconds",
+    "prefill ms": "vllm:request_prefill_time_seconds",
+    "tokens/step": "vllm:iteration_tokens_total",
+}
+ENGINE_COUNTERS = {"preempted": "vllm:num_preemptions_total"}
+
+
+def engine_reading(api_url: str) -> dict[str, float] | None:
+    """Sums and counts of ENGINE_MEANS and the ENGINE_COUNTERS now (None if unreadable)."""
+    try:
+        samples = Samples(httpx.get(api_url + "/metrics", timeout=30).text)
+    except (httpx.HTTPError, ValueError):
+        return None
+    reading = {name: samples.get(name) for name in ENGINE_COUNTERS.values()}
+    for family in ENGINE_MEANS.values():
+        reading[family + "_sum"] = samples.get(family + "_sum")
+        reading[family + "_count"] = samples.get(family + "_count")
+    return reading
+
+
+def engine_delta(before: dict | None, after: dict | None) -> dict[str, float] | None:
+    if before is None or after is None:
+        return None
+    return {name: after[name] - before[name] for name in before}
+
+
+def print_engine_view(results: dict[str, list[dict]]) -> dict:
+    """One row per server: ENGINE_MEANS over all counted repetitions, ENGINE_COUNTERS summed."""
+    title = "vLLM's view"
+    print(f"{title:<14}" + "".join(f"{label:>14}" for label in ENGINE_MEANS)
+          + "".join(f"{label:>11}" for label in ENGINE_COUNTERS) + f"{'steps':>9}")
+    out = {}
+    for name, reps in results.items():
+        deltas = [r["engine"] for r in reps if r.get("engine")]
+        if not deltas:
+            continue
+        total = {key: sum(d[key] for d in deltas) for key in deltas[0]}
+        row = {}
+        for label, family in ENGINE_MEANS.items():
+            count = total[family + "_count"]
+            mean = total[family + "_sum"] / count if count else float("nan")
+            row[label] = mean * 1e3 if label.endswith("ms") else mean
+        for label, family in ENGINE_COUNTERS.items():
+            row[label] = total[family]
+        row["steps"] = total["vllm:iteration_tokens_total_count"]
+        out[name] = row
+        print(f"{name:<14}" + "".join(f"{row[label]:>14.2f}" for label in ENGINE_MEANS)
+              + "".join(f"{row[label]:>11.0f}" for label in ENGINE_COUNTERS)
+              + f"{row['steps']:>9.0f}")
+    return out
 
 
 def daemon_counters(metrics_url: str) -> dict[str, float]:
@@ -296,6 +362,9 @@ def main() -> None:
     parser.add_argument("--attach", nargs=3, type=int, metavar=("API", "METRICS", "VLLM_API"),
                         help="use running servers: the daemon's API and metrics ports, and "
                              "vLLM alone's API port (nothing is started or paused)")
+    parser.add_argument("--also", action="append", default=[], metavar="NAME=API_PORT",
+                        help="with --attach: another running server in the comparison (e.g. "
+                             "'plugin mode=8002', from bench.ab_servers); repeatable")
     parser.add_argument("--model", help="served model name (default: the embedded model)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--requests", type=int, default=48)
@@ -315,6 +384,9 @@ def main() -> None:
     if args.attach:
         api, metrics, theirs = args.attach
         urls = {"daemon": f"http://127.0.0.1:{api}", "vLLM alone": f"http://127.0.0.1:{theirs}"}
+        for item in args.also:
+            name, _, port = item.rpartition("=")
+            urls[name] = f"http://127.0.0.1:{int(port)}"
         metrics_url = f"http://127.0.0.1:{metrics}/metrics"
         model = args.model
     else:
@@ -327,13 +399,16 @@ def main() -> None:
     try:
         for concurrency in args.concurrency:
             results: dict[str, list[dict]] = {name: [] for name in urls}
-            for rep in range(args.reps + 1):  # rep 0 warms both up and is not counted
-                order = list(urls.items()) if rep % 2 == 0 else list(reversed(urls.items()))
-                for name, url in order:
+            names = list(urls)
+            for rep in range(args.reps + 1):  # rep 0 warms all up and is not counted
+                shift = rep % len(names)  # each server takes each place in the order in turn
+                for name in names[shift:] + names[:shift]:
                     others = [p for n, p in groups.items() if n != name]
                     with paused(others):
-                        result = client.run(url, model, args.requests, concurrency,
+                        before = engine_reading(urls[name])
+                        result = client.run(urls[name], model, args.requests, concurrency,
                                             args.prompt_words, args.max_tokens)
+                        result["engine"] = engine_delta(before, engine_reading(urls[name]))
                     if rep:
                         results[name].append(result)
             report["load"][concurrency] = results
@@ -349,11 +424,14 @@ def main() -> None:
                 print(f"{name:<14}{medians[name][0]:>14.1f}{min(tok):>10.1f}{max(tok):>10.1f}"
                       f"{medians[name][1]:>14.1f}{min(ttft):>10.1f}{max(ttft):>10.1f}"
                       f"{sum(r['failed'] for r in reps):>8}")
-            print(f"ratio daemon / vLLM alone: throughput "
-                  f"{medians['daemon'][0] / medians['vLLM alone'][0]:.4f} (target >= 0.995), "
-                  f"TTFT p50 {medians['daemon'][1] / medians['vLLM alone'][1]:.4f} "
-                  f"(target within 1 %)")
+            for name in names:
+                if name != "vLLM alone":
+                    print(f"ratio {name} / vLLM alone: throughput "
+                          f"{medians[name][0] / medians['vLLM alone'][0]:.4f} (target >= 0.995), "
+                          f"TTFT p50 {medians[name][1] / medians['vLLM alone'][1]:.4f} "
+                          f"(target within 1 %)")
             report.setdefault("ttft_pooled", {})[concurrency] = print_ttft_pooled(results)
+            report.setdefault("engine_view", {})[concurrency] = print_engine_view(results)
 
         if args.scrape_requests == 0:  # the load comparison only
             if args.json:

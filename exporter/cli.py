@@ -95,7 +95,7 @@ def config_from_args(args: argparse.Namespace):
         if not sep or not key:
             raise ConfigError("command line", "--engine-arg", f"expected KEY=VALUE, got {item!r}")
         config.engine.extra_args[key.strip()] = yaml.safe_load(value)
-    for field, problem in config.engine.topology_problems():
+    for field, problem in config.engine.extra_args_problems():
         raise ConfigError("command line", f"engine.{field}", problem)
     return config
 

@@ -47,7 +47,7 @@ class _EngineChecks:
                 problem = setting.check(value)
                 if problem:
                     out.append((setting.name, problem))
-        out += self.topology_problems()
+        out += self.extra_args_problems()
         if self.model is not None and _looks_like_path(self.model):
             path = Path(self.model).expanduser()
             if not path.is_dir():
@@ -56,14 +56,25 @@ class _EngineChecks:
                 out.append(("model", f"{self.model} has no config.json: not a model directory"))
         return out
 
-    def topology_problems(self) -> list[tuple[str, str]]:
-        """Process topologies the daemon cannot run, refused before anything starts."""
+    def extra_args_problems(self) -> list[tuple[str, str]]:
+        """extra_args that would pass vLLM a second value for a setting the daemon passes or
+        reads itself (vLLM would take the last one, behind the daemon's back), and process
+        topologies the daemon cannot run; refused before anything starts."""
         out = []
         extra = {key.replace("-", "_"): value for key, value in self.extra_args.items()}
-        for name in ("api_server_count", "data_parallel_size"):
+        for setting in SETTABLE:
+            if setting.name not in extra:
+                continue
+            if setting.name in ("api_server_count", "data_parallel_size"):
+                why = "the daemon starts one metrics endpoint for all its processes from it"
+            else:
+                why = f"flag {setting.flag}; the daemon passes it to vLLM itself"
+            out.append((f"extra_args.{setting.name}",
+                        f"set {setting.config_key} instead ({why})"))
+        for name in ("host", "port"):
             if name in extra:
-                out.append((f"extra_args.{name}", f"set engine.{name} instead (the daemon "
-                            "starts one metrics endpoint for all its processes from it)"))
+                out.append((f"extra_args.{name}", f"set api.{name} instead (flag --{name}; "
+                            "the daemon passes it to vLLM itself)"))
         if extra.get("headless"):
             out.append(("extra_args.headless", "a headless vLLM serves no API; run it with "
                         "`vllm serve --headless` beside a daemon that serves the API"))

@@ -87,6 +87,12 @@ def test_flags_override_the_file(tmp_path):
     ("engine: {extra_args: {data_parallel_size: 2}}", "engine.extra_args.data_parallel_size",
      "set engine.data_parallel_size instead"),
     ("engine: {extra_args: {headless: true}}", "engine.extra_args.headless", "serves no API"),
+    # a second value for a setting the daemon passes itself (vLLM would take the last one)
+    ("engine: {extra_args: {served-model-name: x}}", "engine.extra_args.served_model_name",
+     "set engine.served_model_name instead (flag --served-model-name"),
+    ("engine: {extra_args: {max_model_len: 512}}", "engine.extra_args.max_model_len",
+     "set engine.max_model_len instead"),
+    ("engine: {extra_args: {port: 8005}}", "engine.extra_args.port", "set api.port instead"),
     ("engine: {data_parallel_size: 2, extra_args: {data_parallel_size_local: 4}}",
      "engine.extra_args.data_parallel_size_local", "exceed data_parallel_size 2"),
     ("engine: {api_server_count: 2, extra_args: {data_parallel_external_lb: true}}",
@@ -131,6 +137,8 @@ def test_topology_flags_and_engine_args(tmp_path, capsys):
     assert main(["check-config", "--engine-arg", "api_server_count=2"]) == 2
     err = capsys.readouterr().err
     assert "engine.extra_args.api_server_count" in err and "set engine.api_server_count" in err
+    assert main(["check-config", "--engine-arg", "served_model_name=x"]) == 2
+    assert "set engine.served_model_name instead" in capsys.readouterr().err
     assert main(["check-config", "--api-server-count", "0"]) == 2
     assert "engine.api_server_count" in capsys.readouterr().err
 
