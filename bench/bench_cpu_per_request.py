@@ -1,10 +1,12 @@
-"""CPU per request: the daemon against vLLM alone, one server at a time, on the same load.
+"""CPU per request: the daemon and plugin mode against vLLM alone, one server at a time, on the
+same load.
 
-Starts vLLM's own OpenAI server (no plugin loaded) and the daemon in turn on the embedded model;
+Starts vLLM's own OpenAI server (no plugin loaded), the same server with our stat logger loaded
+from the entry point (plugin mode) and the daemon in turn on the embedded model;
 for each, `--clients` threads send completions back to back for `--seconds` while a scraper GETs
 its /metrics once a second, and the script reads the CPU time of the API-server process (vLLM's
-front end; in the daemon also our stat logger and shard writer), of the engine core and, for the
-daemon, of the metrics process from /proc. Prints requests served and CPU per request for each:
+front end; in plugin mode and the daemon also our stat logger and shard writer), of the engine
+core and of our metrics process from /proc. Prints requests served and CPU per request for each:
 with the servers measured one at a time, the CPU each process spends per request is steadier on
 a small machine than throughput side by side.
 
@@ -40,6 +42,23 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime + stime
     return total / TICK
+
+
+def metrics_process_pids(server_pid: int) -> list[int]:
+    """Our metrics process: the daemon's child, or in plugin mode the process the front end
+    started and detached (a session of its own), which names the server in --root-pid."""
+    found = descendant_pids(server_pid, b"exporter.metrics_process")
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            command = b"\0".join(argv)
+            if b"exporter.metrics_process" in argv and \
+                    f"--root-pid\0{server_pid}\0".encode() in command:
+                found.append(int(entry.name))
+    return sorted(set(found))
 
 
 def drive(api_url: str, metrics_url: str, model: str, clients: int, seconds: float) -> int:
@@ -78,7 +97,7 @@ def measure(name: str, command: list[str], env: dict, api: int, metrics_url: str
         wait_url(api_url + "/health", process, 600, log, what=name)
         drive(api_url, metrics_url or api_url + "/metrics", args.model, args.clients, 3)  # warm
         groups = {"front end": [process.pid], "engine": engine_core_pids(process.pid),
-                  "metrics process": descendant_pids(process.pid, b"exporter.metrics_process")}
+                  "metrics process": metrics_process_pids(process.pid)}
         before = {group: cpu_seconds(pids) for group, pids in groups.items()}
         requests = drive(api_url, metrics_url or api_url + "/metrics", args.model,
                          args.clients, args.seconds)
@@ -104,26 +123,29 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-cpu-per-request-"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    servers = ["vLLM alone", "plugin mode", "daemon"]
     rows = []
     for n in range(args.rounds):
-        for who in (("vLLM alone", "daemon") if n % 2 == 0 else ("daemon", "vLLM alone")):
-            api = free_port()
+        shift = n % len(servers)  # each server takes each place in the order in turn
+        for who in servers[shift:] + servers[:shift]:
+            api, metrics = free_port(), free_port()
+            vllm = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                    "--model", model_dir, "--served-model-name", SERVED_NAME,
+                    "--host", "127.0.0.1", "--port", str(api)]
+            metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+            log = tmp / f"{who.split()[0]}-{n}.log"
             if who == "vLLM alone":
-                command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                           "--model", model_dir, "--served-model-name", SERVED_NAME,
-                           "--host", "127.0.0.1", "--port", str(api)]
-                row = measure(who, command, dict(env, VLLM_PLUGINS="none"), api, None, args,
-                              tmp / f"alone-{n}.log")
+                row = measure(who, vllm, dict(env, VLLM_PLUGINS="none"), api, None, args, log)
+            elif who == "plugin mode":
+                row = measure(who, vllm, dict(env, VLLM_EXPORTER_METRICS_PORT=str(metrics)), api,
+                              metrics_url, args, log)
             else:
-                metrics = free_port()
                 config = tmp / f"daemon-{n}.yaml"
                 config.write_text(yaml.safe_dump({
                     "api": {"host": "127.0.0.1", "port": api},
                     "metrics": {"host": "127.0.0.1", "port": metrics}}))
                 row = measure(who, [sys.executable, "-m", "exporter", "serve", "--config",
-                                    str(config)], env, api,
-                              f"http://127.0.0.1:{metrics}/metrics", args,
-                              tmp / f"daemon-{n}.log")
+                                    str(config)], env, api, metrics_url, args, log)
             rows.append(row)
             print(f"round {n} {who:<11} {row['requests']:>6} requests  front end "
                   f"{row['front end']:.2f} ms  engine {row['engine']:.2f} ms  metrics process "
@@ -132,16 +154,17 @@ def main() -> int:
           f"per request (means over {args.rounds} rounds)")
     print(f"{'server':<12}{'requests':>10}{'front end':>11}{'engine':>9}{'metrics proc.':>15}")
     means = {}
-    for who in ("vLLM alone", "daemon"):
+    for who in servers:
         mine = [r for r in rows if r["name"] == who]
         means[who] = {key: sum(r[key] for r in mine) / len(mine)
                       for key in ("requests", "front end", "engine", "metrics process")}
         m = means[who]
         print(f"{who:<12}{m['requests']:>10.0f}{m['front end']:>11.2f}{m['engine']:>9.2f}"
               f"{m['metrics process']:>15.3f}")
-    daemon, alone = means["daemon"], means["vLLM alone"]
-    print(f"daemon / vLLM alone: requests {daemon['requests'] / alone['requests']:.3f}, "
-          f"front-end CPU per request {daemon['front end'] / alone['front end']:.3f}")
+    alone = means["vLLM alone"]
+    for who in servers[1:]:
+        print(f"{who} / vLLM alone: requests {means[who]['requests'] / alone['requests']:.3f}, "
+              f"front-end CPU per request {means[who]['front end'] / alone['front end']:.3f}")
     return 0
 
 
