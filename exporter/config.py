@@ -17,7 +17,7 @@ from typing import Any
 
 from .advice.config import AdviceConfig
 from .alerts.config import AlertsConfig
-from .config_files import ConfigError, read_yaml_file
+from .config_files import ConfigError, HostProblem, read_yaml_file
 from .engine_settings import SETTABLE
 from .gpu.config import GpuConfig
 from .metrics import DEFAULT_BUCKETS
@@ -51,9 +51,11 @@ class _EngineChecks:
         if self.model is not None and _looks_like_path(self.model):
             path = Path(self.model).expanduser()
             if not path.is_dir():
-                out.append(("model", f"model directory {self.model} does not exist"))
+                out.append(("model", HostProblem(f"model directory {self.model} does not "
+                                                 "exist")))
             elif not (path / "config.json").is_file():
-                out.append(("model", f"{self.model} has no config.json: not a model directory"))
+                out.append(("model", HostProblem(f"{self.model} has no config.json: not a "
+                                                 "model directory")))
         return out
 
     def extra_args_problems(self) -> list[tuple[str, str]]:
@@ -217,8 +219,10 @@ def _looks_like_path(model: str) -> bool:
 
 
 def load_config(path: str | os.PathLike | None = None,
-                overrides: dict[str, Any] | None = None) -> Config:
-    """Build the config from a YAML file (optional) and dotted-key overrides (flags win)."""
+                overrides: dict[str, Any] | None = None, host_checks: bool = True) -> Config:
+    """Build the config from a YAML file (optional) and dotted-key overrides (flags win).
+    `host_checks=False` leaves out what depends on this machine (HostProblem: paths, the
+    environment; the web config file), for commands that only render the file's content."""
     raw: dict[str, Any] = {}
     source = str(path) if path else "<defaults>"
     if path is not None:
@@ -231,8 +235,8 @@ def load_config(path: str | os.PathLike | None = None,
     config = _build(Config, raw, source, "")
     for dotted, value in (overrides or {}).items():
         _apply_override(config, dotted, value)
-    _check(config, source, "")
-    if config.metrics.web_config_file:
+    _check(config, source, "", host_checks)
+    if host_checks and config.metrics.web_config_file:
         load_web_config(config.metrics.web_config_file)  # raises ConfigError naming that file
     return config
 
@@ -246,20 +250,21 @@ def _apply_override(config: Config, dotted: str, value: Any) -> None:
     setattr(target, leaf, _convert(hints[leaf], value, "command line", f"--{dotted}"))
 
 
-def _check(obj: Any, source: str, prefix: str) -> None:
+def _check(obj: Any, source: str, prefix: str, host_checks: bool = True) -> None:
     if not dataclasses.is_dataclass(obj):
         return
     problems = getattr(obj, "problems", None)
     if problems is not None:
         for name, problem in problems():
-            raise ConfigError(source, prefix + name, problem)
+            if host_checks or not isinstance(problem, HostProblem):
+                raise ConfigError(source, prefix + name, problem)
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if isinstance(value, list):
             for i, item in enumerate(value):
-                _check(item, source, f"{prefix}{f.name}[{i}].")
+                _check(item, source, f"{prefix}{f.name}[{i}].", host_checks)
         else:
-            _check(value, source, f"{prefix}{f.name}.")
+            _check(value, source, f"{prefix}{f.name}.", host_checks)
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str):

@@ -22,6 +22,13 @@ class ConfigError(Exception):
         super().__init__(f"{source}: field '{field_path}': {problem}")
 
 
+class HostProblem(str):
+    """A config problem that depends on the machine reading the file (a path that must exist
+    there, an environment variable that must be set), not on the file itself. Every command
+    that runs something refuses it; a command that only turns the file into text elsewhere
+    (`rules export`, on a CI machine for a serving host) does not."""
+
+
 def read_yaml_file(path: str | os.PathLike, what: str) -> Any:
     """A YAML file's content (config, rule or web config file); a file that cannot be read or
     parsed raises ConfigError naming it."""

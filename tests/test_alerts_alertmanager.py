@@ -346,3 +346,35 @@ def test_exported_alerting_rules_carry_the_constant_external_labels(tmp_path, mo
     recording = [r for g in doc["groups"] for r in g["rules"] if "record" in r]
     assert recording and all("labels" not in r or set(r["labels"]) == {"objective"}
                              for r in recording)
+
+
+def test_rules_export_needs_only_the_file_not_the_serving_host(tmp_path, capsys, monkeypatch):
+    """`rules export` runs where the rules are built (CI), not where the daemon serves: an
+    environment variable of a ${VAR} label, the model directory and the web config file are
+    the serving host's, and only check-config and serve refuse them missing."""
+    import yaml
+
+    from exporter.cli import main
+
+    monkeypatch.delenv("VLLM_EXPORTER_TEST_UNSET", raising=False)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "engine": {"model": "/srv/models/absent"},
+        "metrics": {"web_config_file": "/etc/vllm-exporter/absent-web.yml"},
+        "alerts": {"external_labels": {"cluster": "eu",
+                                       "pod": "${VLLM_EXPORTER_TEST_UNSET}"}}}))
+    assert main(["rules", "export", "--config", str(path)]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    alerting = [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
+    assert alerting and all(r["labels"]["cluster"] == "eu" and "pod" not in r["labels"]
+                            for r in alerting)
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "engine.model" in err and "does not exist" in err
+    path.write_text(yaml.safe_dump({"alerts": {"external_labels": {
+        "pod": "${VLLM_EXPORTER_TEST_UNSET}"}}}))
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert "VLLM_EXPORTER_TEST_UNSET is not set" in capsys.readouterr().err
+    # a mistake in the file itself still stops the export
+    path.write_text(yaml.safe_dump({"alerts": {"external_labels": {"pod": "$HOSTNAME"}}}))
+    assert main(["rules", "export", "--config", str(path)]) == 2

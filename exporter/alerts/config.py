@@ -8,6 +8,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config_files import HostProblem
+
 LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Labels an external label may not set: alertname and severity come from the rule, instance
@@ -148,7 +150,7 @@ class AlertsConfig:
         for where, value in values:
             for var in ENV_REF_RE.findall(value):
                 if var not in os.environ:
-                    out.append((where, f"environment variable {var} is not set"))
+                    out.append((where, HostProblem(f"environment variable {var} is not set")))
             if "$" in ENV_REF_RE.sub("", value):
                 out.append((where, "a $ must start ${VAR} (an environment variable)"))
         return out
