@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from exporter.engine_settings import SETTABLE
-from testsupport.net import http_get
+from testsupport.processes import start_group, wait_url
 
 SERVERS = {
     # name: (API port, metrics port of ours or None)
@@ -87,12 +87,11 @@ def commands(name: str, model: str, settings: dict[str, str], state: Path,
         return vllm, env, f"http://127.0.0.1:{metrics}/-/ready"
     # The daemon's own flags where it has one (it refuses a second value through
     # --engine-arg), --engine-arg for the rest.
-    own = {s.name for s in SETTABLE}
+    own = {s.name: s.flag for s in SETTABLE}
     argv = [sys.executable, "-m", "exporter", "serve", "--model", model,
             "--port", str(api), "--metrics-port", str(metrics),
             *(arg for k, v in settings.items()
-              for arg in ((f"--{k.replace('_', '-')}", v) if k in own
-                          else (f"--engine-arg={k}={v}",)))]
+              for arg in ((own[k], v) if k in own else (f"--engine-arg={k}={v}",)))]
     if config:
         argv += ["--config", config]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -102,37 +101,27 @@ def commands(name: str, model: str, settings: dict[str, str], state: Path,
 def kv_cache_line(log: Path) -> str:
     """vLLM's own line on the KV cache it allocated."""
     text = log.read_text(errors="replace") if log.exists() else ""
-    found = re.findall(r"GPU KV cache size: [\d,]+ tokens|KV cache size: [\d,]+ tokens", text)
+    found = re.findall(r"KV cache size: [\d,]+ tokens", text)
     return found[-1] if found else "no KV cache line"
 
 
 def launch(name: str, argv: list[str], env: dict[str, str], state: Path) -> subprocess.Popen:
-    log = open(state / f"{name}.log", "ab")
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                               cwd=tempfile.gettempdir())
+    process = start_group(argv, state / f"{name}.log", env, cwd=Path(tempfile.gettempdir()))
     (state / f"{name}.pid").write_text(str(process.pid))
     return process
 
 
 def wait_ready(name: str, process: subprocess.Popen, url: str, started: float,
                deadline: float, state: Path) -> bool:
-    while time.time() < deadline:
-        if process.poll() is not None:
-            tail = (state / f"{name}.log").read_text(errors="replace").splitlines()[-30:]
-            print(f"{name}: exited with {process.returncode} before ready\n  "
-                  + "\n  ".join(tail), flush=True)
-            return False
-        try:
-            if http_get(url, timeout=2)[0] == 200:
-                print(f"{name}: ready in {time.time() - started:.1f} s ({url}); "
-                      f"{kv_cache_line(state / f'{name}.log')}", flush=True)
-                return True
-        except OSError:
-            pass
-        time.sleep(1)
-    print(f"{name}: not ready in time ({url})", flush=True)
-    return False
+    log = state / f"{name}.log"
+    try:
+        wait_url(url, process, max(0.0, deadline - time.time()), log, what=name, interval=1)
+    except (RuntimeError, AssertionError) as exc:  # exited, or not ready in time
+        print(f"{name}: {exc}", flush=True)
+        return False
+    print(f"{name}: ready in {time.time() - started:.1f} s ({url}); {kv_cache_line(log)}",
+          flush=True)
+    return True
 
 
 def start(args: argparse.Namespace) -> int:

@@ -27,8 +27,7 @@ import httpx
 import yaml
 
 from testsupport.net import free_port
-from testsupport.processes import (descendant_pids, engine_core_pids, start_group, stop_group,
-                                   wait_url)
+from testsupport.processes import engine_core_pids, start_group, stop_group, wait_url
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -45,9 +44,10 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def metrics_process_pids(server_pid: int) -> list[int]:
-    """Our metrics process: the daemon's child, or in plugin mode the process the front end
-    started and detached (a session of its own), which names the server in --root-pid."""
-    found = descendant_pids(server_pid, b"exporter.metrics_process")
+    """Our metrics process, which names the process it serves in --root-pid: the daemon's
+    child, or in plugin mode the process the front end started and detached (a session of
+    its own, so no descendant of the server)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -58,7 +58,7 @@ def metrics_process_pids(server_pid: int) -> list[int]:
             if b"exporter.metrics_process" in argv and \
                     f"--root-pid\0{server_pid}\0".encode() in command:
                 found.append(int(entry.name))
-    return sorted(set(found))
+    return found
 
 
 def drive(api_url: str, metrics_url: str, model: str, clients: int, seconds: float) -> int:
