@@ -411,6 +411,12 @@ def main() -> None:
                         result["engine"] = engine_delta(before, engine_reading(urls[name]))
                     if rep:
                         results[name].append(result)
+                    print(f"rep {rep}{' (warm-up)' if not rep else ''} {name}: "
+                          f"{result['tok_s']:.1f} tok/s, TTFT p50 {result['ttft_p50_ms']:.1f} ms, "
+                          f"{result['failed']} failed", flush=True)
+                    if args.json:  # what a run cut short has measured so far
+                        report["load"][concurrency] = results
+                        Path(args.json).write_text(json.dumps(report, default=str))
             report["load"][concurrency] = results
             print(f"\nconcurrency {concurrency}: {args.requests} requests, {args.prompt_words} "
                   f"prompt words, {args.max_tokens} tokens out, {args.reps} interleaved reps")
