@@ -155,7 +155,8 @@ def main() -> int:
         r = run_detection_standalone()
         print("detection latency, load start -> firing at the webhook: in-daemon "
               f"{r['daemon_s']:.2f} s, Prometheus {r.get('prometheus_s', float('nan')):.2f} s; "
-              f"load stop -> resolved: in-daemon {r['daemon_resolved_s']:.2f} s, Prometheus "
+              f"load drained ({r['drain_s']:.2f} s after its stop) -> resolved: in-daemon "
+              f"{r['daemon_resolved_s']:.2f} s, Prometheus "
               f"{r.get('prometheus_resolved_s') or float('nan'):.2f} s")
     return 0
 

@@ -170,7 +170,14 @@ def test_preempting_speculating_engine_gets_max_num_seqs_and_speculation_advice(
     assert 350 < context < 512  # ~285-token prompts + 150 generated
     assert a["suggested"] == max(1, int(capacity * 0.95 // context))  # 2 or 3 sequences
     assert evidence["vllm_preemptions_total"] > 0
-    assert evidence["vllm_kv_cache_usage_ratio"] >= 0.9
+    # The peak usage is that of the advisor's 1 s samples: a preempting cache is full at the
+    # step that preempts, which a sample can miss (usually it shows 1.0, once 0.45). The
+    # confidence follows the rule's definition from the numbers it states.
+    peak = evidence["vllm_kv_cache_usage_ratio"]
+    assert 0 < peak <= 1
+    strong = (evidence["vllm_preemptions_total"] >= 0.1 * evidence["vllm_requests_finished_total"]
+              and peak >= 0.9)
+    assert a["confidence"] == ("high" if strong else "medium"), a
     # Speculation that is (almost) never accepted: fewer draft tokens or none.
     assert spec["parameter"] == "num_speculative_tokens" and spec["current"] == 4, spec
     spec_evidence = {e["series"]: e["value"] for e in spec["evidence"]}

@@ -135,8 +135,14 @@ def test_lora_adapters_get_their_own_series_from_the_real_engine(secured):
                         os.kill(pid, sig)
                     time.sleep(0.1 if sig == signal.SIGCONT else 0.3)
                 s = d.scrape()
-                if s.get("vllm_requests_running") >= 32:  # max_num_seqs: the batch is full
+                # max_num_seqs: the batch is full, and the engine has taken in the rest
+                if s.get("vllm_requests_running") >= 32 and s.get("vllm_requests_running") + \
+                        s.get("vllm_requests_waiting") == len(requests):
                     break
+            else:
+                pytest.fail(f"no full batch with every request in the engine after 50 slices: "
+                            f"running {s.get('vllm_requests_running')}, "
+                            f"waiting {s.get('vllm_requests_waiting')}")
     finally:
         for thread in requests:
             thread.join(180)

@@ -39,7 +39,8 @@ MONOTONIC = ("vllm_engine_steps_total", "vllm_generation_tokens_total",
 
 
 def test_sigterm_with_requests_in_flight_lets_them_finish_and_exits_0(tmp_path):
-    daemon = start_daemon(tmp_path, daemon_config(free_port(), free_port()), name="drained")
+    config = daemon_config(free_port(), free_port(), daemon={"shutdown_timeout_seconds": 40.0})
+    daemon = start_daemon(tmp_path, config, name="drained")
     try:
         in_flight = [InFlightStream(daemon.api_url) for _ in range(3)]
         wait_for(lambda: all(stream.started.is_set() for stream in in_flight), 60,

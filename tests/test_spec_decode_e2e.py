@@ -144,7 +144,9 @@ def test_daemon_mode_times_client_aborts(daemon):
         before.get("vllm_requests_aborted_total", model=daemon.model) == 1
     seconds = after.get(name + "_sum", model=daemon.model) - \
         before.get(name + "_sum", model=daemon.model)
-    assert 1.0 <= seconds <= waited + 1
+    # vLLM stamps the arrival once the HTTP request is parsed, after the client's clock
+    # started: 0.1 s of slack, as in plugin mode below.
+    assert 0.9 <= seconds <= waited + 1
     try:  # the engine serves again
         _complete(daemon.api_url, daemon.model, "after the abort")
     except urllib.error.URLError as exc:  # pragma: no cover - a failure message

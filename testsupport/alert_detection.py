@@ -99,9 +99,10 @@ def measure_detection(daemon: Daemon, alerting: Alerting, directory: Path,
                 raise AssertionError(f"{exc}: {diagnosis()}") from None
         finally:
             stopped = time.time()
-            load.stop()
+            load.stop()  # lets the requests in flight finish
+            drained = time.time()
         # resolved: the path's latest notification says so (the alert may also have flapped
-        # during the load; a resolution before the stop counts as 0 s)
+        # during the load; a resolution before the load drained counts as 0 s)
         try:
             wait_for(lambda: last("daemon")[0] == "resolved", timeout, interval=0.05,
                      what="the in-daemon resolved notification")
@@ -117,13 +118,14 @@ def measure_detection(daemon: Daemon, alerting: Alerting, directory: Path,
         result = {"prometheus_interval": prometheus_interval,
                   "daemon_interval_s": alerting.evaluation_interval,
                   "daemon_s": first("daemon") - started,
-                  "daemon_resolved_s": max(0.0, last("daemon")[1] - stopped),
+                  "daemon_resolved_s": max(0.0, last("daemon")[1] - drained),
+                  "drain_s": drained - stopped,
                   "load_errors": len(load.errors), "requests_finished": load.finished,
                   **seen, "notifications": notifications(stopped)}
         if prom is not None:
             result["prometheus_s"] = first("prometheus") - started
             status, at = last("prometheus")
-            result["prometheus_resolved_s"] = (max(0.0, at - stopped) if status == "resolved"
+            result["prometheus_resolved_s"] = (max(0.0, at - drained) if status == "resolved"
                                                else None)
         return result
     finally:

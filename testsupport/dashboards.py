@@ -5,6 +5,7 @@ daemon under load every second."""
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 from exporter.dashboards import generate
@@ -35,11 +36,12 @@ def all_targets():
 
 
 def query_problems(prom: Prometheus, targets, variables: dict[str, str],
-                   may_be_empty: set[str]) -> tuple[list[str], int]:
+                   may_be_empty: set[str], retry_seconds: float = 15) -> tuple[list[str], int]:
     """Run each (where, target) query with the variables substituted: (problems, queries run).
     A problem is a query Prometheus refuses (INVALID), one with no result unless every metric
     it reads is in `may_be_empty` (EMPTY), or one whose every value is NaN (0/0 with no
-    traffic)."""
+    traffic). An empty or all-NaN result is asked again for up to `retry_seconds`: a scrape
+    that misses its 1 s deadline on a busy machine makes its series stale for a moment."""
     problems, count = [], 0
     for where, target in targets:
         expr = substitute(target["expr"], variables)
@@ -52,13 +54,21 @@ def query_problems(prom: Prometheus, targets, variables: dict[str, str],
             continue
         count += 1
         names = metric_names(target["expr"])
-        if not result:
-            if not names or not names <= may_be_empty:
-                problems.append(f"EMPTY {where}")
+        if not result and names and names <= may_be_empty:
             continue
-        if all(float(item["value"][1]) != float(item["value"][1]) for item in result):
+        deadline = time.monotonic() + retry_seconds
+        while _empty_or_nan(result) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            result = prom.query(expr)
+        if not result:
+            problems.append(f"EMPTY {where}")
+        elif _empty_or_nan(result):
             problems.append(f"NaN {where}")
     return problems, count
+
+
+def _empty_or_nan(result: list[dict]) -> bool:
+    return all(float(item["value"][1]) != float(item["value"][1]) for item in result)
 
 
 def escape_regex(value: str) -> str:
