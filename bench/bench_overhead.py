@@ -399,6 +399,7 @@ def main() -> None:
     try:
         for concurrency in args.concurrency:
             results: dict[str, list[dict]] = {name: [] for name in urls}
+            report["load"][concurrency] = results  # filled in place, rep by rep
             names = list(urls)
             for rep in range(args.reps + 1):  # rep 0 warms all up and is not counted
                 shift = rep % len(names)  # each server takes each place in the order in turn
@@ -415,9 +416,7 @@ def main() -> None:
                           f"{result['tok_s']:.1f} tok/s, TTFT p50 {result['ttft_p50_ms']:.1f} ms, "
                           f"{result['failed']} failed", flush=True)
                     if args.json:  # what a run cut short has measured so far
-                        report["load"][concurrency] = results
                         Path(args.json).write_text(json.dumps(report, default=str))
-            report["load"][concurrency] = results
             print(f"\nconcurrency {concurrency}: {args.requests} requests, {args.prompt_words} "
                   f"prompt words, {args.max_tokens} tokens out, {args.reps} interleaved reps")
             print(f"{'server':<14}{'tok/s median':>14}{'min':>10}{'max':>10}"

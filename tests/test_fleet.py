@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from testsupport.markers import needs_promtool
 from testsupport.net import free_port, http_get
 from testsupport.prometheus import (ALERTMANAGER, PROMETHEUS, make_alertmanager, make_prometheus,
                                     scrape_job)
-from testsupport.waiting import wait_for
+from testsupport.waiting import asked_again, wait_for
 from testsupport.webhook import WebhookReceiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -332,11 +331,7 @@ def test_every_fleet_dashboard_query_returns_data(fleet):
 
             # Asked again for up to 15 s: a scrape late on a busy machine makes its
             # replica's series stale for a moment.
-            deadline = time.monotonic() + 15
-            found = problem(fleet.prom.query(expr))
-            while found and time.monotonic() < deadline:
-                time.sleep(0.5)
-                found = problem(fleet.prom.query(expr))
+            found = problem(asked_again(lambda: fleet.prom.query(expr), problem, 15))
             if found:
                 empty.append(f"{panel['title']}: {found}")
     assert count >= 20 and not empty, "\n".join(empty)

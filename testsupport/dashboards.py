@@ -5,7 +5,6 @@ daemon under load every second."""
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 
 from exporter.dashboards import generate
@@ -14,7 +13,7 @@ from exporter.dashboards.inspect import iter_panels, metric_names, substitute
 from . import ROOT
 from .load import Load
 from .prometheus import Prometheus
-from .waiting import wait_for
+from .waiting import asked_again, wait_for
 
 DASHBOARDS = generate()
 JOB = "vllm-exporter"
@@ -56,10 +55,8 @@ def query_problems(prom: Prometheus, targets, variables: dict[str, str],
         names = metric_names(target["expr"])
         if not result and names and names <= may_be_empty:
             continue
-        deadline = time.monotonic() + retry_seconds
-        while _empty_or_nan(result) and time.monotonic() < deadline:
-            time.sleep(0.5)
-            result = prom.query(expr)
+        if _empty_or_nan(result):
+            result = asked_again(lambda: prom.query(expr), _empty_or_nan, retry_seconds)
         if not result:
             problems.append(f"EMPTY {where}")
         elif _empty_or_nan(result):
