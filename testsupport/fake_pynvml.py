@@ -18,6 +18,7 @@ import json
 import queue
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,6 +60,9 @@ class FakeNvml:
         self.errors: dict[tuple[int, str], type] = {}
         self.processes: dict[int, list[tuple[int, int]]] = {}
         self.event_sets: list[FakeEventSet] = []
+        # Set to an unset Event to make nvmlInit wait for it (at most 10 s), as a slow driver's
+        # does: a test can see what runs while NVML is still starting.
+        self.init_gate: threading.Event | None = None
 
     # --- steering ------------------------------------------------------------------------------
 
@@ -115,6 +119,8 @@ class FakeNvml:
 
     def nvmlInit(self) -> None:
         self.calls.append("nvmlInit")
+        if self.init_gate is not None:
+            self.init_gate.wait(10.0)
         if not self.library_present:
             raise pynvml.NVMLError_LibraryNotFound()
         self.initialized = True
