@@ -135,14 +135,13 @@ def test_lora_adapters_get_their_own_series_from_the_real_engine(secured):
                         os.kill(pid, sig)
                     time.sleep(0.1 if sig == signal.SIGCONT else 0.3)
                 s = d.scrape()
+                in_batch, queued = s.get("vllm_requests_running"), s.get("vllm_requests_waiting")
                 # max_num_seqs: the batch is full, and the engine has taken in the rest
-                if s.get("vllm_requests_running") >= 32 and s.get("vllm_requests_running") + \
-                        s.get("vllm_requests_waiting") == len(requests):
+                if in_batch >= 32 and in_batch + queued == len(requests):
                     break
             else:
                 pytest.fail(f"no full batch with every request in the engine after 50 slices: "
-                            f"running {s.get('vllm_requests_running')}, "
-                            f"waiting {s.get('vllm_requests_waiting')}")
+                            f"running {in_batch}, waiting {queued}")
     finally:
         for thread in requests:
             thread.join(180)
